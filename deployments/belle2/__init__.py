@@ -1,0 +1,1 @@
+"""BELLE-2 application: transformers Whisper decoding Mandarin, with VAD windows in batches."""

@@ -1,0 +1,279 @@
+"""BELLE-2 transcriber deployment: Hugging Face transformers Whisper, Chinese decoding.
+
+Runs in the belle2 runtime env. The module's top level imports only stdlib, numpy, pydantic and
+ray; torch and transformers are imported in `__init__`.
+
+Long audio is cut into <= 30 s windows at speech boundaries (silero VAD, the ONNX model inside
+faster-whisper, offline) and the windows are decoded in batches, instead of transformers'
+sequential long-form decoding, which runs one window after another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+from pydantic import BaseModel, Field, field_validator
+from ray import serve
+from ray.serve import Application
+
+from deployments.belle2.text import ScriptConverter, collapse_repetitions
+from deployments.belle2.windows import Window, plan_windows
+from deployments.contract import (
+    SAMPLE_RATE,
+    EnvInfo,
+    ModelInfo,
+    ModelUnavailableError,
+    Segment,
+    TranscribeOptions,
+    TranscriptionResult,
+)
+from deployments.runtime import (
+    cap_torch_gpu_memory,
+    check_environment,
+    configure_offline,
+    package_versions,
+    validate_audio,
+)
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "belle2"
+WINDOW_SECONDS = 30
+
+
+class Belle2Args(BaseModel):
+    """Settings of the BELLE-2 application, filled from the Serve config's `args:`."""
+
+    model: str = Field("BELLE-2/Belle-whisper-large-v3-zh", description="Hugging Face model id or a local directory in transformers format.")
+    device: str = Field("auto", description="'cuda', 'cpu' or 'auto' (cuda when available).")
+    batch_size: int = Field(8, ge=1, description="Windows of up to 30 s decoded together.")
+    num_beams: int = Field(5, ge=1, description="Beam width at temperature 0 (a request's beam_size overrides it).")
+    compression_ratio_threshold: float = Field(2.4, gt=0, description="A window whose text compresses better than this is decoded again at the next temperature.")
+    logprob_threshold: float = Field(-1.0, description="A window whose average log-probability is below this is decoded again at the next temperature.")
+    no_speech_threshold: float = Field(0.6, ge=0, le=1, description="With a low log-probability, a window whose no-speech probability exceeds this is dropped as silence.")
+    condition_on_previous_text: bool = Field(False, description="Feed each window the previous one's text; off because it lets a loop carry over.")
+    vad_threshold: float = Field(0.5, gt=0, lt=1, description="Silero speech probability threshold.")
+    vad_min_silence_ms: int = Field(500, ge=0, description="Silence that ends a speech span.")
+    window_pad_ms: int = Field(200, ge=0, description="Context added around each window where there is room.")
+    model_cache: Optional[str] = Field(None, description="Hugging Face cache directory.")
+    local_files_only: bool = Field(False, description="Never reach the hub; load from the cache or a local directory only.")
+    gpu_memory_fraction: Optional[float] = Field(None, gt=0, le=1, description="Share of the GPU this replica may use; default: its Ray num_gpus.")
+    max_audio_seconds: float = Field(4 * 3600, gt=0, description="Longest audio accepted.")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"Got {v!r} for device; expected 'auto', 'cpu' or 'cuda'.")
+        return v
+
+
+@serve.deployment(
+    name="Belle2Transcriber",
+    max_ongoing_requests=4,
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+)
+class Belle2Transcriber:
+    """BELLE-2 (or any transformers Whisper checkpoint) decoding Mandarin."""
+
+    def __init__(self, args: Optional[dict] = None):
+        self._args = Belle2Args.model_validate(args or {})
+        self._versions = check_environment()
+        configure_offline(self._args.model_cache)
+        started = time.perf_counter()
+        import torch
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        self._torch = torch
+        if self._args.device == "auto":
+            self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif self._args.device == "cuda" and not torch.cuda.is_available():
+            raise ModelUnavailableError("device 'cuda' was configured but this replica sees no GPU.")
+        else:
+            self._device = self._args.device
+        if self._device == "cuda":
+            cap_torch_gpu_memory(self._args.gpu_memory_fraction)
+        self._dtype = torch.float16 if self._device == "cuda" else torch.float32
+        load = dict(cache_dir=self._args.model_cache, local_files_only=self._args.local_files_only)
+        self._processor = WhisperProcessor.from_pretrained(self._args.model, **load)
+        self._model = WhisperForConditionalGeneration.from_pretrained(
+            self._args.model, dtype=self._dtype, attn_implementation="sdpa", **load
+        ).to(self._device)
+        self._model.eval()
+        from faster_whisper.vad import VadOptions
+
+        self._vad_options = VadOptions(
+            threshold=self._args.vad_threshold,
+            min_silence_duration_ms=self._args.vad_min_silence_ms,
+            max_speech_duration_s=WINDOW_SECONDS - 1,
+            speech_pad_ms=0,
+        )
+        self._script = ScriptConverter()
+        self._load_time_s = time.perf_counter() - started
+        logger.info(
+            "Loaded %s on %s (%s) in %.1f s.", self._args.model, self._device, self._dtype, self._load_time_s
+        )
+        self._warmup()
+
+    def _warmup(self) -> None:
+        started = time.perf_counter()
+        try:
+            self._decode([np.zeros(SAMPLE_RATE, dtype=np.float32)], TranscribeOptions(beam_size=1, temperature=(0.0,)))
+            logger.info("Warm-up took %.2f s.", time.perf_counter() - started)
+        except Exception:  # a failed warm-up costs latency on the first request, nothing else
+            logger.exception("Warm-up failed.")
+
+    # -- public methods (called through DeploymentHandles) --------------------------------
+
+    async def transcribe(self, audio: np.ndarray, options: Optional[dict] = None) -> TranscriptionResult:
+        """Transcribes 16 kHz mono float32 Mandarin audio.
+
+        Args:
+            audio: The waveform.
+            options: `TranscribeOptions.to_dict()`; `language` is ignored (always "zh").
+
+        Returns:
+            A `TranscriptionResult` made of builtins only.
+
+        Raises:
+            InvalidAudioError: The waveform is unusable.
+            InvalidOptionsError: The options are malformed.
+        """
+        opts = TranscribeOptions.from_dict(options)
+        audio = validate_audio(audio, max_seconds=self._args.max_audio_seconds)
+        return await asyncio.to_thread(self._transcribe, audio, opts)
+
+    def info(self) -> EnvInfo:
+        """This replica's runtime env: interpreter, Ray and library versions, device, model."""
+        return EnvInfo(
+            app=APP_NAME,
+            python=self._versions["python_version"],
+            python_executable=sys.executable,
+            ray=self._versions["ray_version"],
+            packages=package_versions(["torch", "transformers", "tokenizers", "opencc", "faster-whisper"]),
+            device=self._device,
+            model=self._args.model,
+            loaded=self._model is not None,
+            load_error=None,
+        )
+
+    def check_health(self) -> None:
+        if self._model is None:
+            raise ModelUnavailableError("BELLE-2 model not loaded.")
+
+    # -- stages ------------------------------------------------------------------------------
+
+    def _transcribe(self, audio: np.ndarray, opts: TranscribeOptions) -> TranscriptionResult:
+        warnings: List[str] = []
+        windows = self._windows(audio)
+        segments: List[Segment] = []
+        for first in range(0, len(windows), self._args.batch_size):
+            batch = windows[first : first + self._args.batch_size]
+            decoded = self._decode([audio[w.start : w.end] for w in batch], opts)
+            for window, window_segments in zip(batch, decoded):
+                segments.extend(self._place(window, window_segments, audio.size))
+        segments = self._clean(segments, opts, warnings)
+        return TranscriptionResult(
+            segments=segments,
+            language="zh",
+            language_probability=None,
+            duration=audio.size / SAMPLE_RATE,
+            warnings=warnings,
+            model=self._model_info(),
+        )
+
+    def _windows(self, audio: np.ndarray) -> List[Window]:
+        from faster_whisper.vad import get_speech_timestamps
+
+        speech = get_speech_timestamps(audio, vad_options=self._vad_options, sampling_rate=SAMPLE_RATE)
+        return plan_windows(
+            speech,
+            total_samples=audio.size,
+            max_samples=WINDOW_SECONDS * SAMPLE_RATE,
+            pad_samples=self._args.window_pad_ms * SAMPLE_RATE // 1000,
+        )
+
+    def _decode(self, chunks: List[np.ndarray], opts: TranscribeOptions) -> List[list]:
+        """Decodes up to `batch_size` windows at once; returns each window's raw segments."""
+        torch = self._torch
+        features = self._processor.feature_extractor(
+            chunks, sampling_rate=SAMPLE_RATE, return_tensors="pt"
+        ).input_features.to(self._device, self._dtype)
+        prompt_ids = None
+        if opts.initial_prompt:
+            prompt_ids = self._processor.get_prompt_ids(opts.initial_prompt, return_tensors="pt").to(self._device)
+        temperature = opts.temperature if len(opts.temperature) > 1 else opts.temperature[0]
+        with torch.inference_mode():
+            out = self._model.generate(
+                features,
+                language="zh",
+                task=opts.task,
+                num_beams=opts.beam_size,
+                do_sample=False,
+                temperature=temperature,
+                compression_ratio_threshold=self._args.compression_ratio_threshold,
+                logprob_threshold=self._args.logprob_threshold,
+                no_speech_threshold=self._args.no_speech_threshold,
+                condition_on_prev_tokens=self._args.condition_on_previous_text,
+                prompt_ids=prompt_ids,
+                return_timestamps=True,
+                return_segments=True,
+            )
+        return out["segments"]
+
+    def _place(self, window: Window, raw_segments: list, total_samples: int) -> List[Segment]:
+        """Turns a window's segments into absolute times, clipped to the window."""
+        offset = window.start / SAMPLE_RATE
+        limit = min(window.end, total_samples) / SAMPLE_RATE
+        placed = []
+        for raw in raw_segments:
+            text = self._processor.tokenizer.decode(raw["tokens"], skip_special_tokens=True).strip()
+            if not text:
+                continue
+            start = min(offset + float(raw["start"]), limit)
+            end = min(max(offset + float(raw["end"]), start), limit)
+            placed.append(Segment(start=round(start, 3), end=round(end, 3), text=text))
+        return placed
+
+    def _clean(self, segments: List[Segment], opts: TranscribeOptions, warnings: List[str]) -> List[Segment]:
+        cleaned: List[Segment] = []
+        looped = 0
+        for seg in segments:
+            text, collapsed = collapse_repetitions(seg["text"])
+            looped += collapsed
+            text = self._script(text, opts.script)
+            if cleaned and seg["start"] < cleaned[-1]["end"]:  # windows padded into each other
+                seg = Segment(start=cleaned[-1]["end"], end=max(seg["end"], cleaned[-1]["end"]), text=text)
+            cleaned.append(Segment(start=seg["start"], end=seg["end"], text=text))
+        if looped:
+            warnings.append(f"Collapsed a repetition loop in {looped} segment(s).")
+        return cleaned
+
+    def _model_info(self) -> ModelInfo:
+        info = ModelInfo(
+            app=APP_NAME,
+            engine="transformers",
+            model=self._args.model,
+            device=self._device,
+            compute_type=str(self._dtype).replace("torch.", ""),
+            load_time_s=round(self._load_time_s, 3),
+        )
+        if self._device == "cuda":
+            info["gpu_memory_bytes"] = int(self._torch.cuda.max_memory_allocated())
+        return info
+
+
+def build_app(args: Dict[str, Any]) -> Application:
+    """The BELLE-2 application: one `Belle2Transcriber` deployment.
+
+    Args:
+        args: The Serve config's `args:` (see `Belle2Args`).
+    """
+    validated = Belle2Args.model_validate(args or {})
+    return Belle2Transcriber.bind(validated.model_dump())

@@ -1,0 +1,168 @@
+"""Start-up checks and helpers shared by the model replicas (stdlib, numpy and ray only)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import sys
+from typing import Iterable, Mapping, Optional
+
+import numpy as np
+import ray
+
+from deployments.contract import SAMPLE_RATE, InvalidAudioError
+
+logger = logging.getLogger(__name__)
+
+
+class EnvironmentMismatchError(RuntimeError):
+    """A replica's Ray or Python version differs from the cluster's."""
+
+
+def local_versions() -> dict:
+    """The Ray and Python versions of this process, as strings."""
+    return {"ray_version": ray.__version__, "python_version": platform.python_version()}
+
+
+def cluster_versions() -> Optional[dict]:
+    """The Ray and Python versions the cluster's head was started with.
+
+    Ray records them in the GCS when the head starts (the "cluster metadata"); they are what
+    Ray itself compares against, but Ray only logs a warning on a mismatch.
+
+    Returns:
+        A dict with "ray_version" and "python_version", or None if the cluster has no record.
+    """
+    # Private Ray API: the key and namespace `ray._common.usage.usage_lib` writes at head start.
+    from ray._common.usage.usage_constants import CLUSTER_METADATA_KEY
+    from ray._private.ray_constants import KV_NAMESPACE_CLUSTER
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(CLUSTER_METADATA_KEY, namespace=KV_NAMESPACE_CLUSTER)
+    if not raw:
+        return None
+    meta = json.loads(raw)
+    return {"ray_version": meta.get("ray_version"), "python_version": meta.get("python_version")}
+
+
+def compare_versions(local: Mapping[str, str], cluster: Mapping[str, str]) -> None:
+    """Raises if the local Ray or Python version differs from the cluster's.
+
+    Python is compared on major.minor.micro, as Ray pickles code across processes and a
+    different interpreter can fail to unpickle it in ways that surface much later.
+
+    Raises:
+        EnvironmentMismatchError: The versions differ; the message names both.
+    """
+    problems = [
+        f"{key.split('_')[0]} {local[key]} here but {cluster[key]} on the cluster"
+        for key in ("ray_version", "python_version")
+        if cluster.get(key) is not None and local.get(key) != cluster[key]
+    ]
+    if problems:
+        raise EnvironmentMismatchError(
+            f"This replica ({sys.executable}) does not match its Ray cluster: "
+            + "; ".join(problems)
+            + ". Rebuild its runtime env with the cluster's versions (runtime_envs/)."
+        )
+
+
+def check_environment() -> dict:
+    """Fails loudly when this process's Ray or Python differs from the cluster's.
+
+    Returns:
+        The local versions, for logging and `info()`.
+
+    Raises:
+        EnvironmentMismatchError: The versions differ.
+    """
+    local = local_versions()
+    cluster = cluster_versions()
+    if cluster is None:
+        logger.warning("The cluster has no version record; skipping the version check.")
+    else:
+        compare_versions(local, cluster)
+    return local
+
+
+def package_versions(names: Iterable[str]) -> dict:
+    """Installed versions of the named distributions as plain strings ("absent" if missing).
+
+    `importlib.metadata` gives `str`, never a library's own version class (torch's
+    `TorchVersion` would not unpickle in an env without torch).
+    """
+    out = {}
+    for name in names:
+        try:
+            out[name] = str(importlib.metadata.version(name))
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def assigned_gpu_fraction() -> float:
+    """The share of one GPU Ray scheduled this replica with (0 when it has none)."""
+    ctx = ray.get_runtime_context()
+    if not ctx.get_accelerator_ids().get("GPU"):
+        return 0.0
+    try:
+        resources = ctx.get_assigned_resources()
+    except Exception:  # outside an actor (e.g. a test calling this directly)
+        return 0.0
+    return float(resources.get("GPU", 0.0))
+
+
+def cap_torch_gpu_memory(fraction: Optional[float]) -> Optional[float]:
+    """Caps this process's PyTorch allocations to its share of the GPU.
+
+    Ray's fractional GPUs are a scheduling label only: two replicas at 0.5 each can still take
+    the whole card. The caching allocator refuses to grow past the cap instead.
+
+    Args:
+        fraction: Share of device memory this replica may use; None means the Ray-assigned share.
+
+    Returns:
+        The fraction applied, or None when there is no GPU.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    if fraction is None:
+        fraction = assigned_gpu_fraction() or 1.0
+    fraction = min(max(fraction, 0.05), 1.0)
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    logger.info("Capped this replica's GPU memory to %.2f of the device.", fraction)
+    return fraction
+
+
+def validate_audio(audio: np.ndarray, *, max_seconds: Optional[float] = None) -> np.ndarray:
+    """Checks a waveform and returns a writable float32 copy.
+
+    Arrays that arrive through Ray are read-only views of the object store; torch refuses
+    those (`torch.from_numpy` warns and writes would crash), so every replica copies first.
+
+    Raises:
+        InvalidAudioError: Not a 1-D float array, empty, or longer than `max_seconds`.
+    """
+    if not isinstance(audio, np.ndarray) or audio.ndim != 1:
+        shape = getattr(audio, "shape", type(audio).__name__)
+        raise InvalidAudioError(f"Got audio of shape {shape}; expected mono 1-D samples.")
+    if audio.size == 0:
+        raise InvalidAudioError("Got empty audio (0 samples).")
+    if not np.issubdtype(audio.dtype, np.floating):
+        raise InvalidAudioError(f"Got audio of dtype {audio.dtype}; expected float32 in [-1, 1].")
+    if max_seconds is not None and audio.size > max_seconds * SAMPLE_RATE:
+        raise InvalidAudioError(
+            f"Got {audio.size / SAMPLE_RATE:.1f} s of audio; this app accepts at most {max_seconds} s."
+        )
+    return np.array(audio, dtype=np.float32, copy=True)
+
+
+def configure_offline(model_cache: Optional[str]) -> None:
+    """Points the Hugging Face cache at `model_cache` (if given) for this process."""
+    if model_cache:
+        os.environ.setdefault("HF_HOME", model_cache)

@@ -1,0 +1,1 @@
+"""KlipNote Serve ingress: HTTP API, audio decoding, language detection, routing, formats."""

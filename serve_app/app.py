@@ -1,0 +1,216 @@
+"""The ingress application: OpenAI-compatible HTTP API and a DeploymentHandle API.
+
+Light by design: it decodes and checks the upload, detects the language, picks a model app and
+awaits it. It never imports torch, transformers or whisperx; the model apps live in their own
+runtime envs and are reached by name with `serve.get_app_handle`.
+"""
+
+
+import asyncio
+import logging
+from typing import Annotated, Any, Dict, Optional, Union
+
+import numpy as np
+from fastapi import Depends, FastAPI, Form, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve import Application
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments.contract import InvalidAudioError, TranscribeOptions
+from deployments.runtime import validate_audio
+from serve_app.audio import decode_audio
+from serve_app.config import IngressSettings
+from serve_app.errors import ErrorResponse, UploadTooLargeError, create_error_response, error_response_for
+from serve_app.formats import join_text, render
+from serve_app.langid import LanguageDetector
+from serve_app.protocol import TranscriptionRequest
+from serve_app.routing import ModelRouter, choose_model
+
+logger = logging.getLogger(__name__)
+
+FALLBACK_HEADER = "X-KlipNote-Fallback"
+MODEL_HEADER = "X-KlipNote-Model"
+_ERROR_RESPONSES = {
+    code: {"model": ErrorResponse}
+    for code in (400, 413, 415, 422, 429, 500, 501, 503, 504)
+}
+
+api = FastAPI(
+    title="KlipNote Serve",
+    description="Speech to subtitle-ready text: BELLE-2 for Mandarin, WhisperX for everything else.",
+    version="0.1.0",
+)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query")]
+    message = first.get("msg", "Invalid request.")
+    return create_error_response(400, message, type="invalid_request_error", param=".".join(loc) or None)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return create_error_response(exc.status_code, str(exc.detail), type="invalid_request_error")
+
+
+@api.exception_handler(Exception)
+async def _any_error(request: Request, exc: Exception) -> JSONResponse:
+    return error_response_for(exc)
+
+
+async def transcription_form(request: Annotated[TranscriptionRequest, Form()]) -> TranscriptionRequest:
+    # Serve's class-based views rewrite method signatures, which hides a form model from
+    # FastAPI; parsing it in a plain function dependency keeps OpenAI's flat form fields.
+    return request
+
+
+@serve.deployment(name="TranscriptionIngress", max_ongoing_requests=64)
+@serve.ingress(api)
+class TranscriptionIngress:
+    def __init__(self, settings: Optional[dict] = None):
+        self._settings = IngressSettings(**(settings or {}))
+        self._router = ModelRouter(self._settings)
+        self._detector = LanguageDetector(self._settings.language_id)
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    @api.post("/v1/audio/transcriptions", responses=_ERROR_RESPONSES)
+    async def create_transcription(self, request: TranscriptionRequest = Depends(transcription_form)) -> Response:
+        """Transcribes audio in its own language (OpenAI's `audio.transcriptions.create`)."""
+        return await self._serve_http(request, task="transcribe")
+
+    @api.post("/v1/audio/translations", responses=_ERROR_RESPONSES)
+    async def create_translation(self, request: TranscriptionRequest = Depends(transcription_form)) -> Response:
+        """Translates speech into English text (WhisperX)."""
+        request.model = "whisperx"
+        return await self._serve_http(request, task="translate")
+
+    @api.get("/v1/models")
+    async def list_models(self) -> dict:
+        """The model names a request may give: auto, belle2, whisperx."""
+        names = ["auto", "belle2", "whisperx"]
+        return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "klipnote"} for n in names]}
+
+    @api.get("/health")
+    async def health(self) -> JSONResponse:
+        """200 while the ingress and at least one model app can serve; lists each app."""
+        apps = {m: await self._router.available(m) for m in self._settings.model_apps}
+        status = 200 if any(apps.values()) else 503
+        return JSONResponse({"status": "ok" if status == 200 else "unavailable", "models": apps}, status_code=status)
+
+    @api.get("/v1/info")
+    async def runtime_info(self) -> dict:
+        """Each model app's runtime env: Python, Ray, torch / transformers / whisperx versions."""
+        return {m: await self.model_info(m) for m in self._settings.model_apps}
+
+    # -- DeploymentHandle API ------------------------------------------------------------------
+
+    async def transcribe(
+        self,
+        audio: Union[bytes, np.ndarray],
+        *,
+        language: Optional[str] = None,
+        model: str = "auto",
+        task: str = "transcribe",
+        **options: Any,
+    ) -> dict:
+        """Transcribes audio for another Ray app: `serve.get_app_handle("transcription")`.
+
+        Args:
+            audio: An encoded file (bytes) or 16 kHz mono float32 samples.
+            language: ISO 639-1 code, or None to detect it.
+            model: "auto", "belle2" or "whisperx".
+            task: "transcribe" or "translate".
+            **options: Further `TranscribeOptions` fields (beam_size, word_timestamps, ...).
+
+        Returns:
+            verbose_json as a dict (text, segments, language, model, warnings, ...).
+
+        Raises:
+            InvalidAudioError, InvalidOptionsError: Bad input.
+            ModelUnavailableError: No model app could serve.
+        """
+        if isinstance(audio, (bytes, bytearray)):
+            samples = await asyncio.to_thread(decode_audio, bytes(audio), max_seconds=self._settings.max_audio_seconds)
+        else:
+            samples = validate_audio(np.asarray(audio), max_seconds=self._settings.max_audio_seconds)
+        opts = TranscribeOptions.from_dict({"language": language, "task": task, **options})
+        body, segments, _ = await self._run(samples, ModelRouter.resolve_alias(model), opts)
+        return {**body, "segments": segments}
+
+    async def model_info(self, model: str) -> dict:
+        """A model app's `info()` (runtime env), or why it is unavailable."""
+        try:
+            return await self._router.call(model, "info")
+        except Exception as e:
+            return {"app": model, "loaded": False, "load_error": f"{type(e).__name__}: {e}"}
+
+    # -- stages ------------------------------------------------------------------------------
+
+    async def _serve_http(self, request: TranscriptionRequest, *, task: str) -> Response:
+        data = await self._read_upload(request)
+        samples = await asyncio.to_thread(decode_audio, data, max_seconds=self._settings.max_audio_seconds)
+        opts = request.to_transcribe_options(task=task)
+        body, segments, fallback = await self._run(samples, ModelRouter.resolve_alias(request.model), opts)
+        headers = {MODEL_HEADER: body["model"]}
+        if fallback:
+            headers[FALLBACK_HEADER] = fallback
+        return render(
+            request.response_format,
+            body,
+            segments,
+            words="word" in request.timestamp_granularities,
+            headers=headers,
+        )
+
+    async def _read_upload(self, request: TranscriptionRequest) -> bytes:
+        limit = self._settings.max_upload_bytes
+        if request.file.size is not None and request.file.size > limit:
+            raise UploadTooLargeError(request.file.size, limit)
+        data = await request.file.read(limit + 1)
+        if len(data) > limit:
+            raise UploadTooLargeError(len(data), limit)
+        return data
+
+    async def _run(self, samples: np.ndarray, requested: str, opts: TranscribeOptions):
+        """Detects the language if needed, routes, calls the model app, shapes the result."""
+        language, probability = opts.language, None
+        if language is None and requested != "whisperx":
+            detected = await asyncio.to_thread(self._detector.detect, samples)
+            language, probability = detected.language, detected.probability
+        model, reason = choose_model(self._settings, requested, language, probability)
+        logger.info("Routing to %s (%s).", model, reason)
+        if language is not None:
+            opts = TranscribeOptions.from_dict({**opts.to_dict(), "language": language})
+        routed = await self._router.transcribe(model, samples, opts.to_dict())
+        result = routed.result
+        segments = result["segments"]
+        if not segments and language is None:
+            language = result.get("language")
+        body = {
+            "task": opts.task,
+            "language": result.get("language") or language,
+            "language_probability": probability if probability is not None else result.get("language_probability"),
+            "duration": result["duration"],
+            "text": join_text(segments, result.get("language") or language),
+            "model": routed.model,
+            "model_info": result.get("model", {}),
+            "warnings": routed.warnings + list(result.get("warnings", ())),
+        }
+        fallback = f"{model}->{routed.model}" if routed.warnings else None
+        return body, segments, fallback
+
+
+def build_app(args: Dict[str, Any]) -> Application:
+    """The ingress application: one `TranscriptionIngress` deployment.
+
+    Args:
+        args: The Serve config's `args:` (see `IngressSettings`); validated here so a bad value
+            fails the deploy with a message naming it.
+    """
+    settings = IngressSettings(**(args or {}))
+    return TranscriptionIngress.bind(settings.model_dump())

@@ -1,0 +1,72 @@
+"""Ingress settings: one pydantic-settings object, from the Serve config's `args:` and the env."""
+
+from __future__ import annotations
+
+import functools
+from typing import Dict, Literal, Optional
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ModelName = Literal["belle2", "whisperx"]
+
+
+class LanguageIdSettings(BaseModel):
+    """Spoken-language identification in the ingress (Whisper's language ID, faster-whisper)."""
+
+    model: str = Field("base", description="faster-whisper model name or CTranslate2 directory.")
+    device: str = Field("cpu", description="Device for language ID; the ingress has no GPU by default.")
+    compute_type: str = Field("int8", description="CTranslate2 compute type (int8 is fastest on CPU).")
+    cpu_threads: int = Field(2, ge=0, description="CTranslate2 threads for language ID.")
+    max_seconds: float = Field(30.0, gt=0, le=30, description="Speech (after VAD trimming) that language ID listens to.")
+    threshold: float = Field(0.5, ge=0, le=1, description="Below this probability the detected language is not trusted and `default_model` serves.")
+    model_cache: Optional[str] = Field(None, description="Download directory for a model name.")
+    local_files_only: bool = Field(False, description="Never reach the hub for the language-ID model.")
+
+
+class IngressSettings(BaseSettings):
+    """Everything the ingress application is configured with.
+
+    Values come from the Serve config's `args:` first, then `KLIPNOTE_*` environment variables
+    (nested with "__", e.g. `KLIPNOTE_LANGUAGE_ID__THRESHOLD=0.6`), then the defaults below.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="KLIPNOTE_", env_nested_delimiter="__", extra="forbid")
+
+    model_apps: Dict[ModelName, str] = Field(
+        default_factory=lambda: {"belle2": "belle2", "whisperx": "whisperx"},
+        description="Serve application name of each model.",
+    )
+    routes: Dict[str, ModelName] = Field(
+        default_factory=lambda: {"zh": "belle2", "yue": "belle2"},
+        description="Model per detected or requested language (ISO 639-1 code).",
+    )
+    default_model: ModelName = Field("whisperx", description="Model for languages not in `routes`, and for low-confidence detection.")
+    fallback_model: Optional[ModelName] = Field("whisperx", description="Model that serves when the routed one is missing, unhealthy, overloaded or fails; None disables fallback.")
+    max_upload_bytes: int = Field(25 * 1024 * 1024, gt=0, description="Largest accepted upload (OpenAI's limit is 25 MiB).")
+    max_audio_seconds: float = Field(3 * 3600, gt=0, description="Longest accepted audio after decoding.")
+    request_timeout_s: float = Field(900.0, gt=0, description="How long the ingress waits for a model app before answering 504.")
+    language_id: LanguageIdSettings = Field(default_factory=LanguageIdSettings)
+
+    @field_validator("routes")
+    @classmethod
+    def _lowercase_languages(cls, v: Dict[str, str]) -> Dict[str, str]:
+        return {k.lower(): m for k, m in v.items()}
+
+    @model_validator(mode="after")
+    def _check_fallback(self) -> "IngressSettings":
+        if self.fallback_model is not None and self.fallback_model not in self.model_apps:
+            raise ValueError(f"Got {self.fallback_model!r} for fallback_model; it has no entry in model_apps.")
+        return self
+
+    def route(self, language: Optional[str]) -> ModelName:
+        """The model configured for `language` (None: unknown language)."""
+        if language is None:
+            return self.default_model
+        return self.routes.get(language.lower(), self.default_model)
+
+
+@functools.lru_cache(maxsize=1)
+def get_config() -> IngressSettings:
+    """Settings from the environment alone, loaded once (for tools and tests)."""
+    return IngressSettings()

@@ -1,0 +1,75 @@
+"""Mapping exceptions to OpenAI-style HTTP errors, in one place."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from deployments.contract import InvalidAudioError, InvalidOptionsError, ModelUnavailableError
+from serve_app.audio import UnsupportedMediaError
+
+logger = logging.getLogger(__name__)
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`."""
+
+    error: ErrorInfo
+
+
+class APIError(Exception):
+    """An error the ingress answers with a given status, type and param."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+
+class UploadTooLargeError(APIError):
+    def __init__(self, size: int, limit: int):
+        super().__init__(413, f"The file is {size} bytes; the limit is {limit} bytes.", param="file", code="file_too_large")
+
+
+def create_error_response(status: int, message: str, *, type: str, param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code))
+    return JSONResponse(status_code=status, content=body.model_dump(), headers=headers)
+
+
+def error_response_for(exc: BaseException) -> JSONResponse:
+    """The one place where an exception becomes an HTTP status and an OpenAI error body."""
+    from ray.serve.exceptions import BackPressureError
+
+    if isinstance(exc, APIError):
+        return create_error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code)
+    if isinstance(exc, UnsupportedMediaError):
+        return create_error_response(415, str(exc), type="invalid_request_error", param="file", code="unsupported_media")
+    if isinstance(exc, InvalidAudioError):
+        return create_error_response(400, str(exc), type="invalid_request_error", param="file", code="invalid_audio")
+    if isinstance(exc, (InvalidOptionsError, ValueError)):
+        return create_error_response(400, str(exc), type="invalid_request_error")
+    if isinstance(exc, BackPressureError):
+        return create_error_response(
+            503, "The service is at capacity; retry shortly.", type="server_error", code="overloaded", headers={"Retry-After": "5"}
+        )
+    if isinstance(exc, ModelUnavailableError):
+        return create_error_response(503, str(exc), type="server_error", code="model_unavailable", headers={"Retry-After": "30"})
+    if isinstance(exc, TimeoutError):
+        return create_error_response(504, "The model did not answer in time.", type="server_error", code="timeout")
+    if isinstance(exc, NotImplementedError):
+        return create_error_response(501, str(exc) or "Not implemented.", type="invalid_request_error")
+    logger.exception("Unhandled error", exc_info=exc)
+    return create_error_response(500, f"Internal error: {type(exc).__name__}", type="server_error")

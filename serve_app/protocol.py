@@ -1,0 +1,69 @@
+"""OpenAI-compatible request types for the audio endpoints."""
+
+from __future__ import annotations
+
+from typing import List, Literal, Optional
+
+from fastapi import UploadFile
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from deployments.contract import TranscribeOptions
+
+ResponseFormat = Literal["json", "text", "srt", "verbose_json", "vtt"]
+TimestampGranularity = Literal["word", "segment"]
+
+
+class TranscriptionRequest(BaseModel):
+    """`POST /v1/audio/transcriptions`, OpenAI's fields in OpenAI's order, plus KlipNote's own."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    file: UploadFile
+    """The audio file: any container FFmpeg reads (wav, flac, mp3, m4a, ogg, webm, video)."""
+
+    model: str = "auto"
+    """"auto" (route by language), "belle2" or "whisperx"; "whisper-1" means "auto"."""
+
+    language: Optional[str] = None
+    """ISO 639-1 code of the audio's language; detected when absent."""
+
+    prompt: Optional[str] = None
+    """Text to guide the model's style or continue a previous segment."""
+
+    response_format: ResponseFormat = "json"
+    """json, text, srt, verbose_json or vtt."""
+
+    temperature: float = Field(0.0, ge=0.0, le=1.0)
+    """Sampling temperature; 0 decodes with beam search and falls back to higher ones as needed."""
+
+    timestamp_granularities: List[TimestampGranularity] = Field(
+        default_factory=lambda: ["segment"], alias="timestamp_granularities[]"
+    )
+    """"word" and/or "segment"; needs response_format verbose_json."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_granularities(cls, data):
+        if isinstance(data, dict):
+            fmt = data.get("response_format") or "json"
+            grans = data.get("timestamp_granularities[]") or data.get("timestamp_granularities") or []
+            if isinstance(grans, str):
+                grans = [grans]
+            if "word" in grans and fmt != "verbose_json":
+                raise ValueError("timestamp_granularities[]=word requires response_format=verbose_json.")
+            if isinstance(data.get("language"), str) and not data["language"].strip():
+                data = {**data, "language": None}
+        return data
+
+    def to_transcribe_options(self, *, task: str = "transcribe") -> TranscribeOptions:
+        """The model apps' options for this request."""
+        temperature = (
+            (0.0, 0.2, 0.4, 0.6, 0.8, 1.0) if self.temperature == 0 else (self.temperature,)
+        )
+        return TranscribeOptions(
+            language=self.language.lower() if self.language else None,
+            task=task,
+            initial_prompt=self.prompt,
+            temperature=temperature,
+            word_timestamps="word" in self.timestamp_granularities,
+        )
