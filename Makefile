@@ -48,7 +48,7 @@ $(CT2_BASE)/model.bin:
 
 # The BELLE-2 (transformers) path needs Hugging Face-format weights: converted from the above.
 $(HF_BASE)/model.safetensors: $(CT2_BASE)/model.bin deployments/belle2/convert_ct2.py | venvs
-	HF_HUB_OFFLINE=1 $(VENVS)/belle2/bin/python deployments/belle2/convert_ct2.py $(CT2_BASE) $(HF_BASE)
+	HF_HUB_OFFLINE=1 $(VENVS)/belle2/bin/python deployments/belle2/convert_ct2.py --overwrite $(CT2_BASE) $(HF_BASE)
 
 models: $(CT2_BASE)/model.bin $(HF_BASE)/model.safetensors
 
@@ -65,9 +65,10 @@ serve: venvs models config
 status:
 	@$(BIN)/serve status --address http://127.0.0.1:$(DASHBOARD_PORT)
 
+# `ray stop` ends every Ray process on this machine, as Ray's own CLI does.
 stop:
-	-@$(BIN)/serve shutdown -y --address http://127.0.0.1:$(DASHBOARD_PORT) 2>/dev/null
-	-@$(BIN)/ray stop >/dev/null
+	@$(BIN)/serve shutdown -y --address http://127.0.0.1:$(DASHBOARD_PORT) 2>/dev/null || true
+	$(BIN)/ray stop >/dev/null || true
 
 test: venvs models
 	$(PY) -m pytest $(PYTEST_ARGS)
