@@ -20,6 +20,9 @@ BIN      := $(VENVS)/ingress/bin
 PORT     ?= 8000
 DASHBOARD_PORT ?= 8265
 PYTEST_ARGS ?=
+# Ray 2.60 authenticates with a token (~/.ray/auth_token); be explicit so the cluster and the
+# serve/ray CLIs agree whether or not a token file already exists.
+export RAY_AUTH_MODE := token
 
 CT2_BASE := $(MODELS)/faster-whisper-base
 HF_BASE  := $(MODELS)/whisper-base-hf
@@ -56,7 +59,8 @@ config: venvs
 	@$(PY) runtime_envs/make_local_config.py --http-port $(PORT) >/dev/null
 
 serve: venvs models config
-	@if ! $(BIN)/ray status >/dev/null 2>&1; then
+	@$(BIN)/ray get-auth-token --generate >/dev/null 2>&1
+	if ! $(BIN)/ray status >/dev/null 2>&1; then
 	    $(BIN)/ray start --head --dashboard-host 127.0.0.1 --dashboard-port $(DASHBOARD_PORT) --disable-usage-stats >/dev/null
 	fi
 	$(BIN)/serve deploy --address http://127.0.0.1:$(DASHBOARD_PORT) $(BUILD)/serve_config.local.yaml
