@@ -1,0 +1,125 @@
+"""Bad uploads get a clear 4xx in OpenAI's error shape; a missing BELLE-2 falls back visibly."""
+
+from __future__ import annotations
+
+import io
+import wave
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _post(base_url: str, content: bytes, filename: str, **form) -> httpx.Response:
+    return httpx.post(
+        f"{base_url}/v1/audio/transcriptions",
+        files={"file": (filename, content)},
+        data=form,
+        timeout=600,
+    )
+
+
+def _zero_length_wav() -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(b"")
+    return buf.getvalue()
+
+
+def _bad_inputs(data_dir):
+    mp3 = (data_dir / "en_jfk.flac").read_bytes()
+    return [
+        ("empty", b"", "empty.wav", 400),
+        ("text file", b"this is not audio at all\n" * 20, "notes.txt", 415),
+        ("truncated flac", mp3[: len(mp3) // 3], "cut.flac", 400),
+        ("zero-length wav", _zero_length_wav(), "zero.wav", 400),
+    ]
+
+
+def _assert_openai_error(r: httpx.Response, status: int) -> None:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_bad_uploads_get_4xx_and_the_service_keeps_serving(base_url, data_dir):
+    for label, content, filename, status in _bad_inputs(data_dir):
+        r = _post(base_url, content, filename)
+        assert r.status_code == status, f"{label}: {r.status_code} {r.text}"
+        _assert_openai_error(r, status)
+    ok = _post(base_url, (data_dir / "en_jfk.flac").read_bytes(), "en_jfk.flac")
+    assert ok.status_code == 200 and "ask not" in ok.json()["text"].lower()
+
+
+def test_unknown_model_and_bad_format_are_400(base_url, data_dir):
+    audio = (data_dir / "en_jfk.flac").read_bytes()
+    _assert_openai_error(_post(base_url, audio, "a.flac", model="gpt-9"), 400)
+    _assert_openai_error(_post(base_url, audio, "a.flac", response_format="docx"), 400)
+
+
+def test_oversize_upload_is_413(serve_cluster, data_dir):
+    small = serve_cluster.app_config("transcription")
+    small["name"] = "transcription-small-limit"
+    small["route_prefix"] = "/small"
+    small["args"]["max_upload_bytes"] = 50_000
+    serve_cluster.deploy(extra=[small])
+    try:
+        serve_cluster.wait(["transcription-small-limit"], timeout_s=300)
+        r = httpx.post(
+            f"{serve_cluster.url}/small/v1/audio/transcriptions",
+            files={"file": ("en_jfk.flac", (data_dir / "en_jfk.flac").read_bytes())},
+            timeout=120,
+        )
+        _assert_openai_error(r, 413)
+        assert r.json()["error"]["code"] == "file_too_large"
+    finally:
+        serve_cluster.deploy()
+        serve_cluster.wait_gone("transcription-small-limit")
+
+
+def test_other_ray_app_transcribes_through_the_handle(serve_cluster, data_dir):
+    caller = {
+        "name": "handle-caller",
+        "route_prefix": "/caller",
+        "import_path": "tests.apps.handle_caller:build_app",
+        "runtime_env": serve_cluster.app_config("transcription")["runtime_env"],
+        # the three apps already hold most of this machine's two CPUs
+        "deployments": [{"name": "HandleCaller", "ray_actor_options": {"num_cpus": 0}}],
+    }
+    serve_cluster.deploy(extra=[caller])
+    try:
+        serve_cluster.wait(["handle-caller"], timeout_s=300)
+        r = httpx.post(f"{serve_cluster.url}/caller", content=(data_dir / "zh_aishell1_BAC009S0724W0121.flac").read_bytes(), timeout=600)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == "belle2" and body["language"] == "zh"
+        assert "广州" in body["text"]
+    finally:
+        serve_cluster.deploy()
+        serve_cluster.wait_gone("handle-caller")
+
+
+def test_mandarin_falls_back_to_whisperx_visibly_when_belle2_is_gone(serve_cluster, data_dir):
+    audio = (data_dir / "zh_aishell1_BAC009S0724W0121.flac").read_bytes()
+    serve_cluster.deploy(without=["belle2"])
+    try:
+        serve_cluster.wait_gone("belle2")
+        r = _post(serve_cluster.url, audio, "zh.flac", response_format="verbose_json")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == "whisperx"
+        assert r.headers["X-KlipNote-Fallback"] == "belle2->whisperx"
+        assert any("belle2" in w and "whisperx" in w for w in body["warnings"])
+        assert "广州" in body["text"] or "廣州" in body["text"]
+        health = httpx.get(f"{serve_cluster.url}/health", timeout=30).json()
+        assert health["models"] == {"belle2": False, "whisperx": True}
+    finally:
+        serve_cluster.deploy()
+        serve_cluster.wait()
+    r = _post(serve_cluster.url, audio, "zh.flac", response_format="verbose_json")
+    assert r.json()["model"] == "belle2"
