@@ -12,8 +12,9 @@ from typing import Iterable, Mapping, Optional
 
 import numpy as np
 import ray
+from pydantic import BaseModel, Field, field_validator
 
-from deployments.contract import SAMPLE_RATE, InvalidAudioError
+from deployments.contract import SAMPLE_RATE, InvalidAudioError, ModelUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -166,3 +167,35 @@ def configure_offline(model_cache: Optional[str]) -> None:
     """Points the Hugging Face cache at `model_cache` (if given) for this process."""
     if model_cache:
         os.environ.setdefault("HF_HOME", model_cache)
+
+
+class ModelAppArgs(BaseModel):
+    """Settings every model application has, filled from the Serve config's `args:`."""
+
+    device: str = Field("auto", description="'cuda', 'cpu' or 'auto' (cuda when available).")
+    model_cache: Optional[str] = Field(None, description="Hugging Face cache directory for downloaded models.")
+    local_files_only: bool = Field(False, description="Never reach the hub; load from the cache or a local directory only.")
+    gpu_memory_fraction: Optional[float] = Field(None, gt=0, le=1, description="Share of the GPU this replica may use; default: its Ray num_gpus.")
+    max_audio_seconds: float = Field(4 * 3600, gt=0, description="Longest audio accepted.")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"Got {v!r} for device; expected 'auto', 'cpu' or 'cuda'.")
+        return v
+
+
+def resolve_device(device: str) -> str:
+    """'auto' becomes 'cuda' when a GPU is visible, else 'cpu'.
+
+    Raises:
+        ModelUnavailableError: 'cuda' was configured but this replica sees no GPU.
+    """
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelUnavailableError("device 'cuda' was configured but this replica sees no GPU.")
+    return device

@@ -17,7 +17,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 import numpy as np
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field
 from ray import serve
 from ray.serve import Application
 
@@ -33,10 +33,12 @@ from deployments.contract import (
     TranscriptionResult,
 )
 from deployments.runtime import (
+    ModelAppArgs,
     cap_torch_gpu_memory,
     check_environment,
     configure_offline,
     package_versions,
+    resolve_device,
     validate_audio,
 )
 
@@ -46,11 +48,10 @@ APP_NAME = "belle2"
 WINDOW_SECONDS = 30
 
 
-class Belle2Args(BaseModel):
+class Belle2Args(ModelAppArgs):
     """Settings of the BELLE-2 application, filled from the Serve config's `args:`."""
 
     model: str = Field("BELLE-2/Belle-whisper-large-v3-zh", description="Hugging Face model id or a local directory in transformers format.")
-    device: str = Field("auto", description="'cuda', 'cpu' or 'auto' (cuda when available).")
     batch_size: int = Field(8, ge=1, description="Windows of up to 30 s decoded together.")
     num_beams: int = Field(5, ge=1, description="Beam width at temperature 0 (a request's beam_size overrides it).")
     compression_ratio_threshold: float = Field(2.4, gt=0, description="A window whose text compresses better than this is decoded again at the next temperature.")
@@ -60,17 +61,6 @@ class Belle2Args(BaseModel):
     vad_threshold: float = Field(0.5, gt=0, lt=1, description="Silero speech probability threshold.")
     vad_min_silence_ms: int = Field(500, ge=0, description="Silence that ends a speech span.")
     window_pad_ms: int = Field(200, ge=0, description="Context added around each window where there is room.")
-    model_cache: Optional[str] = Field(None, description="Hugging Face cache directory.")
-    local_files_only: bool = Field(False, description="Never reach the hub; load from the cache or a local directory only.")
-    gpu_memory_fraction: Optional[float] = Field(None, gt=0, le=1, description="Share of the GPU this replica may use; default: its Ray num_gpus.")
-    max_audio_seconds: float = Field(4 * 3600, gt=0, description="Longest audio accepted.")
-
-    @field_validator("device")
-    @classmethod
-    def _check_device(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"Got {v!r} for device; expected 'auto', 'cpu' or 'cuda'.")
-        return v
 
 
 @serve.deployment(
@@ -91,12 +81,7 @@ class Belle2Transcriber:
         from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
         self._torch = torch
-        if self._args.device == "auto":
-            self._device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif self._args.device == "cuda" and not torch.cuda.is_available():
-            raise ModelUnavailableError("device 'cuda' was configured but this replica sees no GPU.")
-        else:
-            self._device = self._args.device
+        self._device = resolve_device(self._args.device)
         if self._device == "cuda":
             cap_torch_gpu_memory(self._args.gpu_memory_fraction)
         self._dtype = torch.float16 if self._device == "cuda" else torch.float32

@@ -14,7 +14,7 @@ import time
 from typing import Any, Dict, Optional
 
 import numpy as np
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field
 from ray import serve
 from ray.serve import Application
 
@@ -29,10 +29,12 @@ from deployments.contract import (
     TranscriptionResult,
 )
 from deployments.runtime import (
+    ModelAppArgs,
     cap_torch_gpu_memory,
     check_environment,
     configure_offline,
     package_versions,
+    resolve_device,
     validate_audio,
 )
 
@@ -41,16 +43,13 @@ logger = logging.getLogger(__name__)
 APP_NAME = "whisperx"
 
 
-class WhisperXArgs(BaseModel):
+class WhisperXArgs(ModelAppArgs):
     """Settings of the WhisperX application, filled from the Serve config's `args:`."""
 
     model: str = Field("large-v3", description="Whisper size name (e.g. 'large-v3') or a CTranslate2 model directory.")
-    device: str = Field("auto", description="'cuda', 'cpu' or 'auto' (cuda when available).")
     compute_type: str = Field("default", description="CTranslate2 compute type; 'default' is float16 on cuda, float32 on cpu.")
     batch_size: int = Field(16, ge=1, description="VAD chunks decoded together in one batch.")
     cpu_threads: int = Field(0, ge=0, description="CTranslate2 CPU threads; 0 lets it choose.")
-    model_cache: Optional[str] = Field(None, description="Directory for downloaded models (HF cache).")
-    local_files_only: bool = Field(False, description="Never reach the model hub; load from the cache or a local directory only.")
     chunk_size: float = Field(30.0, gt=0, le=30, description="Longest VAD chunk handed to Whisper, in seconds.")
     vad_onset: float = Field(0.5, gt=0, lt=1, description="VAD speech-start threshold.")
     vad_offset: float = Field(0.363, gt=0, lt=1, description="VAD speech-end threshold.")
@@ -58,15 +57,6 @@ class WhisperXArgs(BaseModel):
     align_cache_size: int = Field(4, ge=1, description="Alignment models kept loaded at once (least recently used go first).")
     diarization_model: Optional[str] = Field(None, description="pyannote diarization pipeline (HF id or local directory); diarization is off without it.")
     hf_token_env: str = Field("HF_TOKEN", description="Environment variable holding the Hugging Face token for gated models.")
-    gpu_memory_fraction: Optional[float] = Field(None, gt=0, le=1, description="Share of the GPU this replica may use; default: its Ray num_gpus.")
-    max_audio_seconds: float = Field(4 * 3600, gt=0, description="Longest audio accepted.")
-
-    @field_validator("device")
-    @classmethod
-    def _check_device(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"Got {v!r} for device; expected 'auto', 'cpu' or 'cuda'.")
-        return v
 
 
 class _AlignModelCache:
@@ -110,7 +100,7 @@ class WhisperXTranscriber:
         import torch
 
         self._torch = torch
-        self._device = self._resolve_device(self._args.device)
+        self._device = resolve_device(self._args.device)
         self._gpu_fraction = cap_torch_gpu_memory(self._args.gpu_memory_fraction) if self._device == "cuda" else None
         self._compute_type = self._args.compute_type
         if self._compute_type == "default":
@@ -125,16 +115,6 @@ class WhisperXTranscriber:
             self._args.model, self._device, self._compute_type, self._load_time_s,
         )
         self._warmup()
-
-    @staticmethod
-    def _resolve_device(device: str) -> str:
-        import torch
-
-        if device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ModelUnavailableError("device 'cuda' was configured but this replica sees no GPU.")
-        return device
 
     def _load_asr(self):
         from whisperx.asr import WhisperModel  # faster-whisper's, plus batched generation
