@@ -95,7 +95,6 @@ class WhisperXTranscriber:
         self._args = WhisperXArgs.model_validate(args or {})
         self._versions = check_environment()
         configure_offline(self._args.model_cache)
-        self._load_error: Optional[str] = None
         started = time.perf_counter()
         import torch
 
@@ -183,12 +182,12 @@ class WhisperXTranscriber:
             device=self._device,
             model=self._args.model,
             loaded=self._model is not None,
-            load_error=self._load_error,
+            load_error=None,
         )
 
     def check_health(self) -> None:
         if self._model is None:
-            raise ModelUnavailableError(f"WhisperX model not loaded: {self._load_error}")
+            raise ModelUnavailableError("WhisperX model not loaded.")
 
     # -- stages ------------------------------------------------------------------------------
 
