@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -37,6 +38,23 @@ def _merge(base: dict, overlay: dict) -> dict:
         else:
             out[key] = value
     return out
+
+
+def code_hash(root: Path, paths) -> str:
+    """A short digest of the Python sources under `paths` (files or directories, relative to root).
+
+    It goes into each application's env vars: Serve restarts an application only when its
+    config changes, so without it `make serve` after an edit would keep running the old code.
+    """
+    digest = hashlib.sha256()
+    for rel in paths:
+        base = root / rel
+        files = sorted(base.rglob("*.py")) if base.is_dir() else [base]
+        for f in files:
+            if f.is_file():
+                digest.update(str(f.relative_to(root)).encode())
+                digest.update(f.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def local_config(
@@ -71,7 +89,10 @@ def local_config(
         app["runtime_env"] = {
             "py_executable": str(venvs / local["env"] / "bin" / "python"),
             "working_dir": f"local://{root}",
-            "env_vars": dict(overlay.get("env_vars", {})),
+            "env_vars": {
+                **overlay.get("env_vars", {}),
+                "KLIPNOTE_CODE_HASH": code_hash(root, local.get("code", [])),
+            },
         }
         app["args"] = _merge(app.get("args", {}), local.get("args", {}))
         deployments = {d["name"]: d for d in app.get("deployments", [])}

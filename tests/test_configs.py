@@ -92,6 +92,28 @@ def test_local_overlay_rejects_an_unknown_app(production, overlay):
         local_config(production, bad)
 
 
+def test_an_edit_changes_only_its_own_apps_config(production, overlay, tmp_path):
+    """`make serve` after an edit must roll the edited app (Serve restarts only on a config change)."""
+    import shutil
+
+    for rel in ("serve_app", "deployments"):
+        shutil.copytree(ROOT / rel, tmp_path / rel)
+
+    def hashes():
+        config = local_config(production, overlay, root=tmp_path, venvs=tmp_path / ".venvs")
+        return {n: a["runtime_env"]["env_vars"]["KLIPNOTE_CODE_HASH"] for n, a in _apps(config).items()}
+
+    before = hashes()
+    with open(tmp_path / "deployments" / "belle2" / "text.py", "a") as f:
+        f.write("\n# edited\n")
+    after = hashes()
+    assert after["belle2"] != before["belle2"]
+    assert after["whisperx"] == before["whisperx"] and after["transcription"] == before["transcription"]
+    with open(tmp_path / "deployments" / "contract.py", "a") as f:
+        f.write("\n# edited\n")
+    assert all(hashes()[n] != after[n] for n in after)  # the shared contract rolls every app
+
+
 def get_invalid_configs():
     def with_app(mutate):
         config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
