@@ -199,3 +199,22 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelUnavailableError("device 'cuda' was configured but this replica sees no GPU.")
     return device
+
+
+def process_memory() -> dict:
+    """This process's resident memory now and at its peak (Linux /proc), as builtins.
+
+    Model replicas return it from `memory()` so that bench/ can record peak RSS per replica
+    without reaching into the cluster's processes.
+    """
+    fields = {"VmRSS": "rss_bytes", "VmHWM": "peak_rss_bytes"}
+    out = {"pid": os.getpid(), "rss_bytes": 0, "peak_rss_bytes": 0}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in fields:
+                    out[fields[key]] = int(value.split()[0]) * 1024
+    except OSError:  # not Linux: report zeros rather than fail a bench
+        pass
+    return out
