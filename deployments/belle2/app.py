@@ -38,6 +38,7 @@ from deployments.runtime import (
     check_environment,
     configure_offline,
     package_versions,
+    process_memory,
     resolve_device,
     validate_audio,
 )
@@ -147,6 +148,10 @@ class Belle2Transcriber:
             loaded=self._model is not None,
             load_error=None,
         )
+
+    def memory(self) -> dict:
+        """This replica's resident memory now and at its peak (`runtime.process_memory`)."""
+        return process_memory()
 
     def check_health(self) -> None:
         if self._model is None:

@@ -29,8 +29,8 @@ def plan_windows(
         speech: Speech spans as {"start": sample, "end": sample}, sorted, not overlapping.
         total_samples: Length of the audio.
         max_samples: Longest window.
-        pad_samples: Context added on each side where room allows (never past a neighbour or
-            the window limit).
+        pad_samples: Context added on each side where room allows: never past the window limit,
+            the audio's bounds, or half the silence shared with a neighbouring window.
 
     Returns:
         Windows in order; empty when there is no speech.
@@ -48,9 +48,11 @@ def plan_windows(
     windows: List[Window] = []
     for i, (start, end) in enumerate(groups):
         room = max_samples - (end - start)
-        lo = groups[i - 1][1] if i else 0
-        hi = groups[i + 1][0] if i + 1 < len(groups) else total_samples
-        before = min(pad_samples, room // 2, start - lo)
-        after = min(pad_samples, room - before, hi - end)
+        # Neighbours share the silence between them: this window may pad into the first half of
+        # the gap after it and the second half of the gap before it, so windows never overlap.
+        gap_before = start - groups[i - 1][1] if i else start
+        gap_after = groups[i + 1][0] - end if i + 1 < len(groups) else total_samples - end
+        before = min(pad_samples, room // 2, gap_before if i == 0 else gap_before // 2)
+        after = min(pad_samples, room - before, gap_after if i + 1 == len(groups) else gap_after - gap_after // 2)
         windows.append(Window(max(start - before, 0), min(end + after, total_samples)))
     return windows

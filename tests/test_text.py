@@ -1,0 +1,63 @@
+"""The BELLE-2 app's text stages: the repetition-loop guard and the Chinese script converter."""
+
+from __future__ import annotations
+
+import pytest
+
+from deployments.belle2.text import ScriptConverter, collapse_repetitions, has_repetition_loop
+
+# Degenerate Whisper output seen in the wild: a unit repeated until the token budget runs out.
+LOOPS = [
+    ("谢" * 80, "谢谢"),
+    ("我们来看一下" * 12, "我们来看一下我们来看一下"),
+    ("好的，我知道了。" + "嗯" * 60, "好的，我知道了。嗯嗯"),
+    ("大家好" + "，然后" * 20 + "我们开始吧", "大家好，然后，然后我们开始吧"),
+    ("the end of the line " * 10, "the end of the line the end of the line "),
+]
+
+# Legitimate repetition that must survive untouched.
+KEPT = [
+    "哈哈哈",
+    "哈哈哈哈哈哈",  # a long laugh is still speech
+    "no no no",
+    "no, no, no, no!",
+    "对对对，就是这样。",
+    "谢谢谢谢大家",
+    "一步一步来",
+    "看看看看",
+    "好好学习，天天向上",
+    "我最喜欢夏天，满地的鲜花，这里一朵，那里一朵，真比天上的星星还多。",
+    "",
+]
+
+
+@pytest.mark.parametrize("text,expected", LOOPS, ids=range(len(LOOPS)))
+def test_real_loops_are_collapsed(text, expected):
+    out, changed = collapse_repetitions(text)
+    assert changed
+    assert out == expected
+    assert has_repetition_loop(text)
+    assert not has_repetition_loop(out)
+
+
+@pytest.mark.parametrize("text", KEPT, ids=range(len(KEPT)))
+def test_legitimate_repeats_are_kept(text):
+    assert collapse_repetitions(text) == (text, False)
+    assert not has_repetition_loop(text)
+
+
+def test_two_loops_in_one_segment_are_both_collapsed():
+    out, changed = collapse_repetitions("啊" * 30 + "中间的话" + "对不起" * 10)
+    assert changed
+    assert out == "啊啊中间的话对不起对不起"
+
+
+def test_whitespace_runs_are_not_loops():
+    assert collapse_repetitions("a" + " " * 50 + "b") == ("a" + " " * 50 + "b", False)
+
+
+def test_script_converter_both_ways():
+    convert = ScriptConverter()
+    assert convert("欢迎大家来体验语音识别模型", "traditional") == "歡迎大家來體驗語音識別模型"
+    assert convert("歡迎大家來體驗語音識別模型", "simplified") == "欢迎大家来体验语音识别模型"
+    assert convert("砸自己的脚", "simplified") == "砸自己的脚"
