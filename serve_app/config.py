@@ -18,10 +18,19 @@ class LanguageIdSettings(BaseModel):
     device: str = Field("cpu", description="Device for language ID; the ingress has no GPU by default.")
     compute_type: str = Field("int8", description="CTranslate2 compute type (int8 is fastest on CPU).")
     cpu_threads: int = Field(2, ge=0, description="CTranslate2 threads for language ID.")
-    max_seconds: float = Field(30.0, gt=0, le=30, description="Speech (after VAD trimming) that language ID listens to.")
+    max_seconds: float = Field(8.0, gt=0, le=30, description="Speech (after VAD trimming) that language ID listens to; the encoder's cost grows with it (bench/langid_latency.py).")
+    min_seconds: float = Field(5.0, ge=0, le=30, description="Shorter speech is padded with silence to this length, as Whisper's training windows were.")
+    scan_seconds: float = Field(120.0, gt=0, description="How far into the recording the VAD looks for speech.")
     threshold: float = Field(0.5, ge=0, le=1, description="Below this probability the detected language is not trusted and `default_model` serves.")
     model_cache: Optional[str] = Field(None, description="Download directory for a model name.")
     local_files_only: bool = Field(False, description="Never reach the hub for the language-ID model.")
+
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> "LanguageIdSettings":
+        if self.min_seconds > self.max_seconds:
+            raise ValueError(f"Got min_seconds={self.min_seconds} > max_seconds={self.max_seconds} for language_id.")
+        return self
 
 
 class IngressSettings(BaseSettings):
