@@ -21,8 +21,9 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.contract import InvalidAudioError, TranscribeOptions
+from deployments.contract import InvalidOptionsError, TranscribeOptions
 from deployments.runtime import check_environment, package_versions, validate_audio
+from serve_app.admission import Admission
 from serve_app.audio import decode_audio
 from serve_app.config import IngressSettings
 from serve_app.errors import ErrorResponse, UploadTooLargeError, create_error_response, error_response_for
@@ -30,6 +31,7 @@ from serve_app.formats import join_text, render
 from serve_app.langid import LanguageDetector
 from serve_app.protocol import TranscriptionRequest
 from serve_app.routing import ModelRouter, choose_model
+from serve_app.subtitles import compliant_share, subtitle_segments
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ class TranscriptionIngress:
         self._settings = IngressSettings(**(settings or {}))
         self._router = ModelRouter(self._settings)
         self._detector = LanguageDetector(self._settings.language_id)
+        self._admission = Admission(self._settings.max_in_flight, self._settings.retry_after_s)
 
     # -- HTTP --------------------------------------------------------------------------------
 
@@ -131,6 +134,7 @@ class TranscriptionIngress:
         language: Optional[str] = None,
         model: str = "auto",
         task: str = "transcribe",
+        segmentation: Optional[str] = None,
         **options: Any,
     ) -> dict:
         """Transcribes audio for another Ray app: `serve.get_app_handle("transcription")`.
@@ -140,6 +144,8 @@ class TranscriptionIngress:
             language: ISO 639-1 code, or None to detect it.
             model: "auto", "belle2" or "whisperx".
             task: "transcribe" or "translate".
+            segmentation: "subtitle" (1-7 s cues) or "raw" (the model's segments); None: the
+                configured default.
             **options: Further `TranscribeOptions` fields (beam_size, word_timestamps, ...).
 
         Returns:
@@ -154,7 +160,7 @@ class TranscriptionIngress:
         else:
             samples = validate_audio(np.asarray(audio), max_seconds=self._settings.max_audio_seconds)
         opts = TranscribeOptions.from_dict({"language": language, "task": task, **options})
-        body, segments, _ = await self._run(samples, ModelRouter.resolve_alias(model), opts)
+        body, segments, _ = await self._run(samples, ModelRouter.resolve_alias(model), opts, segmentation=segmentation)
         return {**body, "segments": segments}
 
     async def model_info(self, model: str) -> dict:
@@ -167,10 +173,13 @@ class TranscriptionIngress:
     # -- stages ------------------------------------------------------------------------------
 
     async def _serve_http(self, request: TranscriptionRequest, *, task: str) -> Response:
-        data = await self._read_upload(request)
-        samples = await asyncio.to_thread(decode_audio, data, max_seconds=self._settings.max_audio_seconds)
-        opts = request.to_transcribe_options(task=task)
-        body, segments, fallback = await self._run(samples, ModelRouter.resolve_alias(request.model), opts)
+        with self._admission.admit():
+            data = await self._read_upload(request)
+            samples = await asyncio.to_thread(decode_audio, data, max_seconds=self._settings.max_audio_seconds)
+            opts = request.to_transcribe_options(task=task)
+            body, segments, fallback = await self._run(
+                samples, ModelRouter.resolve_alias(request.model), opts, segmentation=request.segmentation
+            )
         headers = {MODEL_HEADER: body["model"]}
         if fallback:
             headers[FALLBACK_HEADER] = fallback
@@ -191,19 +200,26 @@ class TranscriptionIngress:
             raise UploadTooLargeError(len(data), limit)
         return data
 
-    async def _run(self, samples: np.ndarray, requested: str, opts: TranscribeOptions):
+    async def _run(self, samples: np.ndarray, requested: str, opts: TranscribeOptions, *, segmentation: Optional[str] = None):
         """Detects the language if needed, routes, calls the model app, shapes the result."""
+        if segmentation not in (None, "subtitle", "raw"):
+            raise InvalidOptionsError(f"Got {segmentation!r} for segmentation; expected 'subtitle' or 'raw'.")
+        subtitles = self._settings.subtitles
+        as_subtitles = subtitles.enabled if segmentation is None else segmentation == "subtitle"
         language, probability = opts.language, None
         if language is None and requested != "whisperx":
             detected = await asyncio.to_thread(self._detector.detect, samples)
             language, probability = detected.language, detected.probability
         model, reason = choose_model(self._settings, requested, language, probability)
         logger.info("Routing to %s (%s).", model, reason)
-        if language is not None:
+        trusted = probability is None or probability >= self._settings.language_id.threshold
+        if language is not None and trusted:  # an unsure guess is not forced on the model
             opts = TranscribeOptions.from_dict({**opts.to_dict(), "language": language})
         routed = await self._router.transcribe(model, samples, opts.to_dict())
         result = routed.result
-        segments = result["segments"]
+        segments = raw_segments = result["segments"]
+        if as_subtitles:
+            segments = subtitle_segments(segments, subtitles, duration=result["duration"])
         if not segments and language is None:
             language = result.get("language")
         body = {
@@ -211,10 +227,12 @@ class TranscriptionIngress:
             "language": result.get("language") or language,
             "language_probability": probability if probability is not None else result.get("language_probability"),
             "duration": result["duration"],
-            "text": join_text(segments, result.get("language") or language),
+            "text": join_text(raw_segments, "en" if opts.task == "translate" else result.get("language") or language),
             "model": routed.model,
             "model_info": result.get("model", {}),
             "warnings": routed.warnings + list(result.get("warnings", ())),
+            "segmentation": "subtitle" if as_subtitles else "raw",
+            "subtitle_compliant_share": compliant_share(segments, subtitles),
         }
         fallback = f"{model}->{routed.model}" if routed.warnings else None
         return body, segments, fallback

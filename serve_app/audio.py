@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+from typing import Optional
+
 import numpy as np
 
 from deployments.contract import SAMPLE_RATE, InvalidAudioError
@@ -38,6 +40,7 @@ def decode_audio(data: bytes, *, max_seconds: float) -> np.ndarray:
         if not container.streams.audio:
             raise UnsupportedMediaError("The file has no audio stream.")
         stream = container.streams.audio[0]
+        declared = _declared_seconds(stream)
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         chunks = []
         total = 0
@@ -61,4 +64,29 @@ def decode_audio(data: bytes, *, max_seconds: float) -> np.ndarray:
     audio = np.concatenate(chunks).astype(np.float32, copy=False)
     if audio.size == 0:
         raise InvalidAudioError("The file contains no audio samples.")
+    _check_complete(audio.size / SAMPLE_RATE, declared, max_seconds=max_seconds)
     return audio
+
+
+def _declared_seconds(stream) -> Optional[float]:
+    """The audio stream's duration as its header states it (Xing/LAME, STREAMINFO, RIFF, moov)."""
+    if stream.duration is None or stream.time_base is None:
+        return None
+    return float(stream.duration * stream.time_base)
+
+
+def _check_complete(decoded: float, declared: Optional[float], *, max_seconds: float) -> None:
+    """Refuses audio that decodes to less than its header promises: a cut-off upload.
+
+    FFmpeg decodes a truncated mp3 or wav without an error (the frames that are there are
+    valid), so a transcript would silently end early. A declared length beyond `max_seconds`
+    is a placeholder (streaming writers put 0xFFFFFFFF in the RIFF size), not a promise.
+    """
+    if declared is None or declared > max_seconds:
+        return
+    tolerance = 0.25 + 0.02 * declared  # encoder delay and padding, frame rounding
+    if decoded < declared - tolerance:
+        raise InvalidAudioError(
+            f"The audio is truncated: its header declares {declared:.2f} s but only "
+            f"{decoded:.2f} s could be decoded."
+        )

@@ -33,6 +33,23 @@ class LanguageIdSettings(BaseModel):
         return self
 
 
+class SubtitleSettings(BaseModel):
+    """Subtitle-ready segments (`serve_app/subtitles.py`): what the ingress returns by default."""
+
+    enabled: bool = Field(True, description="Return subtitle segments; False returns the model's own segments (a request can also ask with `segmentation=raw`).")
+    min_seconds: float = Field(1.0, ge=0, description="Shortest cue: shorter ones are merged with a neighbour or kept on screen longer.")
+    max_seconds: float = Field(7.0, gt=0, description="Longest cue: longer segments are split.")
+    max_chars: int = Field(200, gt=0, description="Most characters in one cue.")
+    max_merge_gap_seconds: float = Field(1.5, ge=0, description="Two cues further apart than this are never merged.")
+    extend_short: bool = Field(True, description="Keep a cue shorter than `min_seconds` on screen into the silence around it.")
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> "SubtitleSettings":
+        if self.min_seconds >= self.max_seconds:
+            raise ValueError(f"Got min_seconds={self.min_seconds} >= max_seconds={self.max_seconds} for subtitles.")
+        return self
+
+
 class IngressSettings(BaseSettings):
     """Everything the ingress application is configured with.
 
@@ -55,7 +72,10 @@ class IngressSettings(BaseSettings):
     max_upload_bytes: int = Field(25 * 1024 * 1024, gt=0, description="Largest accepted upload (OpenAI's limit is 25 MiB).")
     max_audio_seconds: float = Field(3 * 3600, gt=0, description="Longest accepted audio after decoding.")
     request_timeout_s: float = Field(900.0, gt=0, description="How long the ingress waits for a model app before answering 504.")
+    max_in_flight: int = Field(48, ge=1, description="HTTP transcriptions one ingress replica serves at once; more get 503 with Retry-After at once. Keep it below the deployment's max_ongoing_requests so the excess reaches the replica to be told.")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After (seconds) on a 503 for an overloaded ingress or model.")
     language_id: LanguageIdSettings = Field(default_factory=LanguageIdSettings)
+    subtitles: SubtitleSettings = Field(default_factory=SubtitleSettings)
 
     @field_validator("routes")
     @classmethod

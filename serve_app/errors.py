@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional
+import math
+from typing import Dict, Optional
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -30,18 +31,41 @@ class ErrorResponse(BaseModel):
 class APIError(Exception):
     """An error the ingress answers with a given status, type and param."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        headers: Optional[Dict[str, str]] = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers
 
 
 class UploadTooLargeError(APIError):
     def __init__(self, size: int, limit: int):
         super().__init__(413, f"The file is {size} bytes; the limit is {limit} bytes.", param="file", code="file_too_large")
+
+
+class IngressOverloadedError(APIError):
+    """The ingress replica already serves as many transcriptions as it admits (HTTP 503)."""
+
+    def __init__(self, in_flight: int, limit: int, retry_after_s: int):
+        super().__init__(
+            503,
+            f"The service is at capacity ({in_flight} transcriptions in progress on this replica, limit {limit}); retry in {retry_after_s} s.",
+            type="server_error",
+            code="ingress_overloaded",
+            headers={"Retry-After": str(retry_after_s)},
+        )
 
 
 def create_error_response(status: int, message: str, *, type: str, param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None) -> JSONResponse:
@@ -54,7 +78,7 @@ def error_response_for(exc: BaseException) -> JSONResponse:
     from ray.serve.exceptions import BackPressureError
 
     if isinstance(exc, APIError):
-        return create_error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code)
+        return create_error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code, headers=exc.headers)
     if isinstance(exc, UnsupportedMediaError):
         return create_error_response(415, str(exc), type="invalid_request_error", param="file", code="unsupported_media")
     if isinstance(exc, InvalidAudioError):
@@ -62,8 +86,14 @@ def error_response_for(exc: BaseException) -> JSONResponse:
     if isinstance(exc, (InvalidOptionsError, ValueError)):
         return create_error_response(400, str(exc), type="invalid_request_error")
     if isinstance(exc, BackPressureError):
+        # A model app's queue is full and no fallback could take the request.
+        retry_after = max(1, math.ceil(getattr(exc, "retry_after_s", None) or 5))
         return create_error_response(
-            503, "The service is at capacity; retry shortly.", type="server_error", code="overloaded", headers={"Retry-After": "5"}
+            503,
+            f"The model is at capacity ({exc}); retry in {retry_after} s.",
+            type="server_error",
+            code="model_overloaded",
+            headers={"Retry-After": str(retry_after)},
         )
     if isinstance(exc, ModelUnavailableError):
         return create_error_response(503, str(exc), type="server_error", code="model_unavailable", headers={"Retry-After": "30"})

@@ -41,6 +41,10 @@ class TranscriptionRequest(BaseModel):
     )
     """"word" and/or "segment"; needs response_format verbose_json."""
 
+    segmentation: Optional[Literal["subtitle", "raw"]] = None
+    """KlipNote: "subtitle" (cues of 1-7 s and at most 200 characters, the default) or "raw"
+    (the model's own segments). Applies to segments, srt and vtt."""
+
     @model_validator(mode="before")
     @classmethod
     def _check_granularities(cls, data):

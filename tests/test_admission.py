@@ -1,0 +1,162 @@
+"""Admission control: what a client sees when the ingress or a model app is full.
+
+Fast tests cover the ingress's own limit and the mapping to HTTP. The live test deploys probe
+apps with tiny limits beside the real ones and fills them deterministically:
+
+- `belle2-probe`: the real BELLE-2 app with max_ongoing_requests=1 and max_queued_requests=1;
+  the test process occupies its one slot through a handle with a long recording.
+- `probe-fallback`: an ingress routing zh to belle2-probe. One request waits in its queue, so
+  the next finds the queue full (BackPressureError) and falls back to whisperx, visibly.
+- `probe-admission`: an ingress admitting one transcription at a time without fallback. While
+  one request waits, the next gets 503 with OpenAI's error body and Retry-After at once.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+from ray.serve.exceptions import BackPressureError
+from ray.serve.schema import ApplicationStatus, ApplicationStatusOverview, DeploymentStatus, DeploymentStatusOverview, DeploymentStatusTrigger
+
+from serve_app.admission import Admission
+from serve_app.errors import IngressOverloadedError, error_response_for
+from serve_app.routing import _app_state
+
+
+def test_admission_refuses_over_the_limit_and_frees_slots():
+    admission = Admission(max_in_flight=2, retry_after_s=7)
+    with admission.admit(), admission.admit():
+        with pytest.raises(IngressOverloadedError) as e:
+            with admission.admit():
+                pass
+        assert admission.in_flight == 2
+    assert admission.in_flight == 0
+    response = error_response_for(e.value)
+    assert response.status_code == 503 and response.headers["Retry-After"] == "7"
+    error = json.loads(response.body)["error"]
+    assert error["code"] == "ingress_overloaded" and error["type"] == "server_error" and "limit 2" in error["message"]
+    with admission.admit():  # a failure inside the block frees its slot too
+        pass
+    with pytest.raises(RuntimeError):
+        with admission.admit():
+            raise RuntimeError("model failed")
+    assert admission.in_flight == 0
+
+
+def test_a_full_model_queue_without_fallback_is_503_with_retry_after():
+    response = error_response_for(BackPressureError(num_queued_requests=8, max_queued_requests=8))
+    assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+    error = json.loads(response.body)["error"]
+    assert error["code"] == "model_overloaded" and "max_queued_requests=8" in error["message"]
+    response = error_response_for(BackPressureError(num_queued_requests=1, max_queued_requests=1, retry_after_s=2.5))
+    assert response.headers["Retry-After"] == "3"
+
+
+def test_app_state_carries_serves_status_and_the_last_line_of_its_message():
+    failed = ApplicationStatusOverview(
+        status=ApplicationStatus.DEPLOY_FAILED,
+        message="The deployments ['Belle2Transcriber'] are UNHEALTHY.",
+        last_deployed_time_s=0.0,
+        deployments={
+            "Belle2Transcriber": DeploymentStatusOverview(
+                status=DeploymentStatus.DEPLOY_FAILED,
+                status_trigger=DeploymentStatusTrigger.REPLICA_STARTUP_FAILED,
+                replica_states={},
+                message="The deployment failed to start 3 times in a row.\nTraceback (most recent call last):\n  File \"app.py\"\nOSError: /missing is not a folder\n",
+            )
+        },
+    )
+    state = _app_state(failed)
+    assert not state.running
+    assert state.reason() == "application status DEPLOY_FAILED: OSError: /missing is not a folder"
+
+
+# -- live ------------------------------------------------------------------------------------
+
+ZH_SHORT = "zh_aishell1_BAC009S0724W0121.flac"
+ZH_LONG = "zh_funasr_vad_example_70s.flac"
+
+
+def _probe_apps(serve_cluster) -> list:
+    belle2 = serve_cluster.app_config("belle2")
+    belle2["name"] = "belle2-probe"
+    (dep,) = belle2["deployments"]
+    dep.update(max_ongoing_requests=1, max_queued_requests=1, autoscaling_config={"min_replicas": 1, "max_replicas": 1})
+    dep["ray_actor_options"] = {"num_cpus": 0, "num_gpus": 0}  # the three apps hold this machine's CPUs
+    probes = [belle2]
+    for name, args in (
+        ("probe-fallback", {}),
+        ("probe-admission", {"max_in_flight": 1, "fallback_model": None}),
+    ):
+        ingress = serve_cluster.app_config("transcription")
+        ingress.update(name=name, route_prefix=f"/{name}")
+        ingress["args"].update(model_apps={"belle2": "belle2-probe", "whisperx": "whisperx"}, **args)
+        ingress["deployments"][0]["ray_actor_options"] = {"num_cpus": 0}
+        probes.append(ingress)
+    return probes
+
+
+def _post(url: str, audio: bytes, **form) -> httpx.Response:
+    return httpx.post(url, files={"file": ("zh.flac", audio)}, data={"response_format": "verbose_json", **form}, timeout=900)
+
+
+@pytest.mark.slow
+def test_full_queues_fall_back_or_answer_503_never_hang(serve_cluster, data_dir):
+    from ray import serve
+
+    from serve_app.audio import decode_audio
+
+    probes = _probe_apps(serve_cluster)
+    short = (data_dir / ZH_SHORT).read_bytes()
+    long_audio = decode_audio((data_dir / ZH_LONG).read_bytes(), max_seconds=3600)
+    serve_cluster.deploy(extra=probes)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    occupier = None
+    try:
+        serve_cluster.wait([p["name"] for p in probes], timeout_s=600)
+        # belle2-probe's one slot: 140 s of Mandarin, long enough to outlast the checks below
+        occupier = serve.get_app_handle("belle2-probe").transcribe.remote(np.tile(long_audio, 2), {"language": "zh"})
+        time.sleep(3)
+        queued = pool.submit(_post, f"{serve_cluster.url}/probe-fallback/v1/audio/transcriptions", short)
+        waiting = pool.submit(_post, f"{serve_cluster.url}/probe-admission/v1/audio/transcriptions", short)
+        time.sleep(5)  # both reach their ingress's queue for belle2-probe (decode + language ID < 1 s)
+
+        # a full model queue: the zh request falls back to whisperx and says why
+        r = _post(f"{serve_cluster.url}/probe-fallback/v1/audio/transcriptions", short)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == "whisperx" and r.headers["X-KlipNote-Fallback"] == "belle2->whisperx"
+        warning = body["warnings"][0]
+        assert warning.startswith("belle2 could not serve this request (BackPressureError: Request dropped due to backpressure"), warning
+
+        # a full ingress: 503 at once, OpenAI's body, Retry-After
+        r = _post(f"{serve_cluster.url}/probe-admission/v1/audio/transcriptions", short)
+        assert r.status_code == 503, r.text
+        assert r.headers["Retry-After"] == "5"
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["code"] == "ingress_overloaded"
+
+        # a handle caller, without fallback, gets Serve's BackPressureError for the full model queue
+        with pytest.raises(BackPressureError):
+            serve.get_app_handle("probe-admission").transcribe.remote(short, model="belle2").result(timeout_s=120)
+
+        # the checks above only prove something while belle2-probe was still busy
+        with pytest.raises(TimeoutError):
+            occupier.result(timeout_s=0.1)
+
+        # the queued requests are served by belle2 once it is free: a queue is a wait, not a failure
+        for future in (queued, waiting):
+            r = future.result(timeout=900)
+            assert r.status_code == 200 and r.json()["model"] == "belle2" and r.json()["warnings"] == [], r.text
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        if occupier is not None:
+            occupier.cancel()
+        serve_cluster.deploy()
+        for p in probes:
+            serve_cluster.wait_gone(p["name"])
