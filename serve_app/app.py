@@ -10,6 +10,7 @@ import asyncio
 import logging
 import platform
 import sys
+import time
 from typing import Annotated, Any, Dict, Optional, Union
 
 import numpy as np
@@ -175,12 +176,14 @@ class TranscriptionIngress:
     async def _serve_http(self, request: TranscriptionRequest, *, task: str) -> Response:
         with self._admission.admit():
             data = await self._read_upload(request)
+            started = time.perf_counter()
             samples = await asyncio.to_thread(decode_audio, data, max_seconds=self._settings.max_audio_seconds)
+            timings = {"decode": time.perf_counter() - started}
             opts = request.to_transcribe_options(task=task)
             body, segments, fallback = await self._run(
-                samples, ModelRouter.resolve_alias(request.model), opts, segmentation=request.segmentation
+                samples, ModelRouter.resolve_alias(request.model), opts, segmentation=request.segmentation, timings=timings
             )
-        headers = {MODEL_HEADER: body["model"]}
+        headers = {MODEL_HEADER: body["model"], "Server-Timing": server_timing(timings)}
         if fallback:
             headers[FALLBACK_HEADER] = fallback
         return render(
@@ -200,22 +203,38 @@ class TranscriptionIngress:
             raise UploadTooLargeError(len(data), limit)
         return data
 
-    async def _run(self, samples: np.ndarray, requested: str, opts: TranscribeOptions, *, segmentation: Optional[str] = None):
-        """Detects the language if needed, routes, calls the model app, shapes the result."""
+    async def _run(
+        self,
+        samples: np.ndarray,
+        requested: str,
+        opts: TranscribeOptions,
+        *,
+        segmentation: Optional[str] = None,
+        timings: Optional[Dict[str, float]] = None,
+    ):
+        """Detects the language if needed, routes, calls the model app, shapes the result.
+
+        `timings` (if given) receives the seconds spent in language ID and in the model app.
+        """
+        timings = {} if timings is None else timings
         if segmentation not in (None, "subtitle", "raw"):
             raise InvalidOptionsError(f"Got {segmentation!r} for segmentation; expected 'subtitle' or 'raw'.")
         subtitles = self._settings.subtitles
         as_subtitles = subtitles.enabled if segmentation is None else segmentation == "subtitle"
         language, probability = opts.language, None
         if language is None and requested != "whisperx":
+            started = time.perf_counter()
             detected = await asyncio.to_thread(self._detector.detect, samples)
+            timings["langid"] = time.perf_counter() - started
             language, probability = detected.language, detected.probability
         model, reason = choose_model(self._settings, requested, language, probability)
         logger.info("Routing to %s (%s).", model, reason)
         trusted = probability is None or probability >= self._settings.language_id.threshold
         if language is not None and trusted:  # an unsure guess is not forced on the model
             opts = TranscribeOptions.from_dict({**opts.to_dict(), "language": language})
+        started = time.perf_counter()
         routed = await self._router.transcribe(model, samples, opts.to_dict())
+        timings["model"] = time.perf_counter() - started
         result = routed.result
         segments = raw_segments = result["segments"]
         if as_subtitles:
@@ -236,6 +255,11 @@ class TranscriptionIngress:
         }
         fallback = f"{model}->{routed.model}" if routed.warnings else None
         return body, segments, fallback
+
+
+def server_timing(timings: Dict[str, float]) -> str:
+    """The `Server-Timing` header (milliseconds per stage), e.g. `decode;dur=4.1, langid;dur=120.3`."""
+    return ", ".join(f"{stage};dur={seconds * 1000:.1f}" for stage, seconds in timings.items())
 
 
 def build_app(args: Dict[str, Any]) -> Application:

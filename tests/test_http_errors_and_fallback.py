@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 import wave
 
 import httpx
@@ -31,11 +32,14 @@ def _zero_length_wav() -> bytes:
 
 
 def _bad_inputs(data_dir):
-    mp3 = (data_dir / "en_jfk.flac").read_bytes()
+    flac = (data_dir / "en_jfk.flac").read_bytes()
+    mp3 = (data_dir / "zh_funasr_asr_example.mp3").read_bytes()
     return [
         ("empty", b"", "empty.wav", 400),
         ("text file", b"this is not audio at all\n" * 20, "notes.txt", 415),
-        ("truncated flac", mp3[: len(mp3) // 3], "cut.flac", 400),
+        ("truncated flac", flac[: len(flac) // 3], "cut.flac", 400),
+        # every mp3 frame left is valid: only the LAME header's length gives the cut away
+        ("truncated mp3", mp3[: len(mp3) // 2], "cut.mp3", 400),
         ("zero-length wav", _zero_length_wav(), "zero.wav", 400),
     ]
 
@@ -52,6 +56,8 @@ def test_bad_uploads_get_4xx_and_the_service_keeps_serving(base_url, data_dir):
         r = _post(base_url, content, filename)
         assert r.status_code == status, f"{label}: {r.status_code} {r.text}"
         _assert_openai_error(r, status)
+        if label == "truncated mp3":
+            assert "truncated" in r.json()["error"]["message"]
     ok = _post(base_url, (data_dir / "en_jfk.flac").read_bytes(), "en_jfk.flac")
     assert ok.status_code == 200 and "ask not" in ok.json()["text"].lower()
 
@@ -123,3 +129,49 @@ def test_mandarin_falls_back_to_whisperx_visibly_when_belle2_is_gone(serve_clust
         serve_cluster.wait()
     r = _post(serve_cluster.url, audio, "zh.flac", response_format="verbose_json")
     assert r.json()["model"] == "belle2"
+
+
+def _wait_for_status(serve_cluster, name: str, statuses, timeout_s: float = 600) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve_cluster.details().get("applications", {}).get(name, {})
+        if app.get("status") in statuses:
+            return app
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} not in {statuses} after {timeout_s} s: {app.get('status')}")
+        time.sleep(2)
+
+
+def test_fallback_warning_carries_serves_reason_when_belle2_failed_to_deploy(serve_cluster, data_dir):
+    missing = "/nonexistent/klipnote-missing-belle2-model"
+    broken = serve_cluster.app_config("belle2")
+    broken["args"]["model"] = missing
+    audio = (data_dir / "zh_aishell1_BAC009S0724W0121.flac").read_bytes()
+    # Remove the healthy app first, so no replica of the old version survives the update.
+    serve_cluster.deploy(without=["belle2"])
+    try:
+        serve_cluster.wait_gone("belle2")
+        serve_cluster.deploy(without=["belle2"], extra=[broken])
+        app = _wait_for_status(serve_cluster, "belle2", {"DEPLOY_FAILED", "UNHEALTHY"})
+        time.sleep(2.5)  # the ingress caches Serve's status for 2 s
+        r = _post(serve_cluster.url, audio, "zh.flac", response_format="verbose_json")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == "whisperx"
+        assert r.headers["X-KlipNote-Fallback"] == "belle2->whisperx"
+        warning = next(w for w in body["warnings"] if w.startswith("belle2 could not serve"))
+        assert f"application status {app['status']}: " in warning, warning
+        reason = warning.split(f"application status {app['status']}: ", 1)[1]
+        assert len(reason.split(")")[0]) > 10, warning  # Serve's own words, not an empty message
+        assert "served by whisperx" in warning
+        health = httpx.get(f"{serve_cluster.url}/health", timeout=30).json()
+        assert health["models"] == {"belle2": False, "whisperx": True}
+    finally:
+        # Gone first: right after a redeploy Serve may still report the old DEPLOY_FAILED.
+        serve_cluster.deploy(without=["belle2"])
+        serve_cluster.wait_gone("belle2")
+        serve_cluster.deploy()
+        serve_cluster.wait()
+    time.sleep(2.5)
+    r = _post(serve_cluster.url, audio, "zh.flac", response_format="verbose_json")
+    assert r.status_code == 200 and r.json()["model"] == "belle2"
