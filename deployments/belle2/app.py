@@ -21,6 +21,7 @@ from pydantic import Field
 from ray import serve
 from ray.serve import Application
 
+from deployments.belle2.decoding import EncoderOutputMemo, reorder_self_attention_only
 from deployments.belle2.text import ScriptConverter, collapse_repetitions
 from deployments.belle2.windows import Window, plan_windows
 from deployments.contract import (
@@ -62,6 +63,7 @@ class Belle2Args(ModelAppArgs):
     vad_threshold: float = Field(0.5, gt=0, lt=1, description="Silero speech probability threshold.")
     vad_min_silence_ms: int = Field(500, ge=0, description="Silence that ends a speech span.")
     window_pad_ms: int = Field(200, ge=0, description="Context added around each window where there is room.")
+    cpu_threads: int = Field(0, ge=0, description="PyTorch intra-op threads on CPU (torch.set_num_threads); 0 keeps PyTorch's default (OMP_NUM_THREADS or the core count).")
 
 
 @serve.deployment(
@@ -86,12 +88,16 @@ class Belle2Transcriber:
         if self._device == "cuda":
             cap_torch_gpu_memory(self._args.gpu_memory_fraction)
         self._dtype = torch.float16 if self._device == "cuda" else torch.float32
+        if self._device == "cpu" and self._args.cpu_threads:
+            torch.set_num_threads(self._args.cpu_threads)
         load = dict(cache_dir=self._args.model_cache, local_files_only=self._args.local_files_only)
         self._processor = WhisperProcessor.from_pretrained(self._args.model, **load)
         self._model = WhisperForConditionalGeneration.from_pretrained(
             self._args.model, dtype=self._dtype, attn_implementation="sdpa", **load
         ).to(self._device)
         self._model.eval()
+        self._encoder_memo = EncoderOutputMemo(self._model.get_encoder())
+        self._model._reorder_cache = reorder_self_attention_only
         from faster_whisper.vad import VadOptions
 
         self._vad_options = VadOptions(
@@ -103,7 +109,8 @@ class Belle2Transcriber:
         self._script = ScriptConverter()
         self._load_time_s = time.perf_counter() - started
         logger.info(
-            "Loaded %s on %s (%s) in %.1f s.", self._args.model, self._device, self._dtype, self._load_time_s
+            "Loaded %s on %s (%s, %d torch threads) in %.1f s.",
+            self._args.model, self._device, self._dtype, torch.get_num_threads(), self._load_time_s,
         )
         self._warmup()
 
@@ -199,7 +206,7 @@ class Belle2Transcriber:
         if opts.initial_prompt:
             prompt_ids = self._processor.get_prompt_ids(opts.initial_prompt, return_tensors="pt").to(self._device)
         temperature = opts.temperature if len(opts.temperature) > 1 else opts.temperature[0]
-        with torch.inference_mode():
+        with torch.inference_mode(), self._encoder_memo.active():
             out = self._model.generate(
                 features,
                 language="zh",
