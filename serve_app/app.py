@@ -28,7 +28,7 @@ from serve_app.admission import Admission
 from serve_app.audio import decode_audio
 from serve_app.config import IngressSettings
 from serve_app.errors import ErrorResponse, UploadTooLargeError, create_error_response, error_response_for
-from serve_app.formats import join_text, render
+from serve_app.formats import join_text, render, server_timing
 from serve_app.langid import LanguageDetector
 from serve_app.protocol import TranscriptionRequest
 from serve_app.routing import ModelRouter, choose_model
@@ -255,11 +255,6 @@ class TranscriptionIngress:
         }
         fallback = f"{model}->{routed.model}" if routed.warnings else None
         return body, segments, fallback
-
-
-def server_timing(timings: Dict[str, float]) -> str:
-    """The `Server-Timing` header (milliseconds per stage), e.g. `decode;dur=4.1, langid;dur=120.3`."""
-    return ", ".join(f"{stage};dur={seconds * 1000:.1f}" for stage, seconds in timings.items())
 
 
 def build_app(args: Dict[str, Any]) -> Application:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
@@ -52,6 +52,11 @@ def verbose_json(body: dict, segments: List[dict], *, words: bool) -> dict:
     if words:
         out["words"] = [w for s in segments for w in s.get("words", ())]
     return out
+
+
+def server_timing(timings: Dict[str, float]) -> str:
+    """The `Server-Timing` header (milliseconds per stage), e.g. `decode;dur=4.1, langid;dur=120.3`."""
+    return ", ".join(f"{stage};dur={seconds * 1000:.1f}" for stage, seconds in timings.items())
 
 
 def render(fmt: str, body: dict, segments: List[dict], *, words: bool, headers: dict) -> Response:
