@@ -9,7 +9,8 @@
    whisperx for the WhisperX path, transformers for the BELLE-2 path (`bench/direct_*.py`, each
    in its model's venv, same model files and decoding settings). The ratio service / direct is
    the figure that travels between machines.
-2. Language-detection latency p50/p95 (from `bench/langid_latency.py`).
+2. Language-detection latency p50/p95 over every request of this run, from the service's own
+   `Server-Timing: langid;dur=...` header (`bench/langid_latency.py` studies it in depth).
 3. 1/2/4/8 concurrent clients cycling over a Mandarin and an English clip: aggregate real-time
    factor, p50/p99 latency, errors.
 4. Resident memory (now and peak) of every replica, from each app's `memory()` through its
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
+import re
 import sys
 import threading
 import time
@@ -44,10 +46,16 @@ CLIPS = [
 CONCURRENCY_CLIPS = [("zh_paddlespeech_zh.flac", 4.997), ("en_jfk.flac", 11.0)]
 
 
+LANGID_MS: List[float] = []  # every request's detection time, from Server-Timing
+
+
 def post(client: httpx.Client, url: str, path: Path, **form) -> httpx.Response:
     with open(path, "rb") as f:
         r = client.post(f"{url}/v1/audio/transcriptions", files={"file": (path.name, f)},
                         data={"response_format": "verbose_json", **form})
+    timing = re.search(r"langid;dur=([\d.]+)", r.headers.get("Server-Timing", ""))
+    if timing:
+        LANGID_MS.append(float(timing.group(1)))
     return r
 
 
@@ -158,12 +166,11 @@ def replica_memory(address: str) -> List[dict]:
         ray.shutdown()
 
 
-def langid_latency(url: str) -> str:
-    try:
-        import langid_latency as bench_langid
-    except ImportError:
-        return "bench/langid_latency.py is missing."
-    return bench_langid.summary(url)
+def langid_latency() -> str:
+    if not LANGID_MS:
+        return "The service sent no `Server-Timing: langid` header."
+    return (f"{len(LANGID_MS)} requests: p50 {percentile(LANGID_MS, 50):.0f} ms, "
+            f"p95 {percentile(LANGID_MS, 95):.0f} ms (goal: p50 <= 150 ms).")
 
 
 def main(argv=None) -> int:
@@ -180,8 +187,8 @@ def main(argv=None) -> int:
     direct = direct_rtf(args.repeat)
     print("direct done", file=sys.stderr)
     rtf = rtf_table(service, direct)
-    langid = langid_latency(args.url)
     loads = [concurrency(args.url, n, args.requests_per_client) for n in (1, 2, 4, 8)]
+    langid = langid_latency()
     memory = replica_memory(args.address)
 
     body = "\n\n".join([
