@@ -63,6 +63,7 @@ class Belle2Args(ModelAppArgs):
     vad_threshold: float = Field(0.5, gt=0, lt=1, description="Silero speech probability threshold.")
     vad_min_silence_ms: int = Field(500, ge=0, description="Silence that ends a speech span.")
     window_pad_ms: int = Field(200, ge=0, description="Context added around each window where there is room.")
+    decoding_shortcuts: bool = Field(True, description="Encode each batch once and leave identical cross-attention caches unreordered (deployments/belle2/decoding.py); exact, off only to measure what they save.")
     cpu_threads: int = Field(0, ge=0, description="PyTorch intra-op threads on CPU (torch.set_num_threads); 0 keeps PyTorch's default (OMP_NUM_THREADS or the core count).")
 
 
@@ -81,7 +82,6 @@ class Belle2Transcriber:
         configure_offline(self._args.model_cache)
         started = time.perf_counter()
         import torch
-        from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
         self._torch = torch
         self._device = resolve_device(self._args.device)
@@ -90,14 +90,10 @@ class Belle2Transcriber:
         self._dtype = torch.float16 if self._device == "cuda" else torch.float32
         if self._device == "cpu" and self._args.cpu_threads:
             torch.set_num_threads(self._args.cpu_threads)
-        load = dict(cache_dir=self._args.model_cache, local_files_only=self._args.local_files_only)
-        self._processor = WhisperProcessor.from_pretrained(self._args.model, **load)
-        self._model = WhisperForConditionalGeneration.from_pretrained(
-            self._args.model, dtype=self._dtype, attn_implementation="sdpa", **load
-        ).to(self._device)
-        self._model.eval()
-        self._encoder_memo = EncoderOutputMemo(self._model.get_encoder())
-        self._model._reorder_cache = reorder_self_attention_only
+        self._processor, self._model = self._load_model()
+        self._encoder_memo = EncoderOutputMemo(self._model.get_encoder(), enabled=self._args.decoding_shortcuts)
+        if self._args.decoding_shortcuts:
+            self._model._reorder_cache = reorder_self_attention_only
         from faster_whisper.vad import VadOptions
 
         self._vad_options = VadOptions(
@@ -113,6 +109,29 @@ class Belle2Transcriber:
             self._args.model, self._device, self._dtype, torch.get_num_threads(), self._load_time_s,
         )
         self._warmup()
+
+    def _load_model(self) -> tuple:
+        """Loads the processor and the model (safetensors preferred where the repo has both).
+
+        Raises:
+            ModelUnavailableError: The weights cannot be loaded; the message names the model,
+                where it was looked for, and the cause, so Serve's deployment status shows it.
+        """
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        args = self._args
+        load = dict(cache_dir=args.model_cache, local_files_only=args.local_files_only)
+        try:
+            processor = WhisperProcessor.from_pretrained(args.model, **load)
+            model = WhisperForConditionalGeneration.from_pretrained(
+                args.model, dtype=self._dtype, attn_implementation="sdpa", **load
+            ).to(self._device)
+        except Exception as e:
+            where = "offline, cache " + str(args.model_cache) if args.local_files_only else "hub or cache"
+            raise ModelUnavailableError(
+                f"BELLE-2 app could not load model {args.model!r} ({where}): {type(e).__name__}: {e}"
+            ) from e
+        return processor, model.eval()
 
     def _warmup(self) -> None:
         started = time.perf_counter()

@@ -25,11 +25,12 @@ class EncoderOutputMemo:
     decodes concurrent requests in threads) and dropped when `active()` exits.
     """
 
-    def __init__(self, encoder: Any):
+    def __init__(self, encoder: Any, *, enabled: bool = True):
         self._forward = encoder.forward
         self._local = threading.local()
         self.hits = 0
-        encoder.forward = self._call
+        if enabled:
+            encoder.forward = self._call
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
