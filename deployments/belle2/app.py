@@ -11,6 +11,7 @@ sequential long-form decoding, which runs one window after another.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import time
@@ -21,7 +22,7 @@ from pydantic import Field
 from ray import serve
 from ray.serve import Application
 
-from deployments.belle2.decoding import EncoderOutputMemo, reorder_self_attention_only
+from deployments.belle2.decoding import EncoderOutputMemo, SharedCrossAttention, reorder_self_attention_only
 from deployments.belle2.text import ScriptConverter, collapse_repetitions
 from deployments.belle2.windows import Window, plan_windows
 from deployments.contract import (
@@ -92,8 +93,10 @@ class Belle2Transcriber:
             torch.set_num_threads(self._args.cpu_threads)
         self._processor, self._model = self._load_model()
         self._encoder_memo = EncoderOutputMemo(self._model.get_encoder(), enabled=self._args.decoding_shortcuts)
+        self._shared_cross = None
         if self._args.decoding_shortcuts:
             self._model._reorder_cache = reorder_self_attention_only
+            self._shared_cross = SharedCrossAttention(self._model)
         from faster_whisper.vad import VadOptions
 
         self._vad_options = VadOptions(
@@ -225,7 +228,8 @@ class Belle2Transcriber:
         if opts.initial_prompt:
             prompt_ids = self._processor.get_prompt_ids(opts.initial_prompt, return_tensors="pt").to(self._device)
         temperature = opts.temperature if len(opts.temperature) > 1 else opts.temperature[0]
-        with torch.inference_mode(), self._encoder_memo.active():
+        shared_cross = self._shared_cross.active() if self._shared_cross else contextlib.nullcontext()
+        with torch.inference_mode(), self._encoder_memo.active(), shared_cross:
             out = self._model.generate(
                 features,
                 language="zh",
