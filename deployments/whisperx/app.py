@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 from pydantic import Field
@@ -34,6 +35,7 @@ from deployments.runtime import (
     check_environment,
     configure_offline,
     package_versions,
+    process_memory,
     resolve_device,
     validate_audio,
 )
@@ -53,10 +55,13 @@ class WhisperXArgs(ModelAppArgs):
     chunk_size: float = Field(30.0, gt=0, le=30, description="Longest VAD chunk handed to Whisper, in seconds.")
     vad_onset: float = Field(0.5, gt=0, lt=1, description="VAD speech-start threshold.")
     vad_offset: float = Field(0.363, gt=0, lt=1, description="VAD speech-end threshold.")
+    window_s: float = Field(600.0, ge=120, description="Longest stretch of audio run through VAD, ASR and alignment at once; longer audio is cut into windows at quiet moments, so memory stays flat with length.")
+    window_cut_search_s: float = Field(20.0, gt=0, le=60, description="A window ends at the quietest 0.1 s within this many seconds before its limit.")
     align_models: Dict[str, str] = Field(default_factory=dict, description="Alignment model per language code (HF id or local directory); whisperx's defaults otherwise.")
     align_cache_size: int = Field(4, ge=1, description="Alignment models kept loaded at once (least recently used go first).")
     diarization_model: Optional[str] = Field(None, description="pyannote diarization pipeline (HF id or local directory); diarization is off without it.")
     hf_token_env: str = Field("HF_TOKEN", description="Environment variable holding the Hugging Face token for gated models.")
+    nltk_data: Optional[str] = Field(None, description="NLTK data root for the aligner's sentence splitter (Punkt); default '<model_cache>/nltk_data', else '~/nltk_data'.")
 
 
 class _AlignModelCache:
@@ -106,6 +111,7 @@ class WhisperXTranscriber:
             self._compute_type = "float16" if self._device == "cuda" else "float32"
         self._model, self._vad = self._load_asr()
         self._align_cache = _AlignModelCache(self._args.align_cache_size)
+        self._prepare_sentence_splitter()
         self._diarizer = None
         self._diarizer_lock = threading.Lock()
         self._load_time_s = time.perf_counter() - started
@@ -137,6 +143,15 @@ class WhisperXTranscriber:
         )
         return model, vad
 
+    def _prepare_sentence_splitter(self) -> None:
+        from whisperx.utils import PUNKT_LANGUAGES
+
+        from deployments.whisperx.punkt import ensure_punkt_tab
+
+        root = self._args.nltk_data or os.path.join(self._args.model_cache or os.path.expanduser("~"), "nltk_data")
+        # whisperx.align falls back to Punkt's English model for languages it has no entry for.
+        ensure_punkt_tab(root, {"english", *PUNKT_LANGUAGES.values()})
+
     def _warmup(self) -> None:
         started = time.perf_counter()
         try:
@@ -162,12 +177,24 @@ class WhisperXTranscriber:
             InvalidOptionsError: The options are malformed or ask for what is not configured.
         """
         opts = TranscribeOptions.from_dict(options)
+        self._check_diarization_options(opts)
         audio = validate_audio(audio, max_seconds=self._args.max_audio_seconds)
-        if opts.diarize and not self._args.diarization_model:
-            raise InvalidOptionsError(
-                "Diarization was requested but this deployment has no diarization_model configured."
-            )
         return await asyncio.to_thread(self._transcribe, audio, opts)
+
+    def memory(self, reset_peak: bool = False) -> dict:
+        """This replica's resident memory now and at its peak (`runtime.process_memory`).
+
+        Args:
+            reset_peak: First reset the peak to the current RSS (Linux `clear_refs`), so that a
+                later call reports the peak of what ran in between (bench/whisperx_app.py).
+        """
+        if reset_peak:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # "5" resets the peak RSS (VmHWM); see proc(5)
+            except OSError:
+                logger.warning("Could not reset the peak RSS (not Linux?).")
+        return process_memory()
 
     def info(self) -> EnvInfo:
         """This replica's runtime env: interpreter, Ray and library versions, device, model."""
@@ -191,14 +218,36 @@ class WhisperXTranscriber:
 
     # -- stages ------------------------------------------------------------------------------
 
+    def _check_diarization_options(self, opts: TranscribeOptions) -> None:
+        # min > max and values < 1 are rejected by TranscribeOptions itself.
+        if opts.diarize and not self._args.diarization_model:
+            raise InvalidOptionsError(
+                "Got diarize=True, but this whisperx deployment has no diarization_model configured; "
+                "set args.diarization_model (a pyannote pipeline id or directory) to enable it."
+            )
+        if not opts.diarize and (opts.min_speakers is not None or opts.max_speakers is not None):
+            raise InvalidOptionsError(
+                f"Got min_speakers={opts.min_speakers}, max_speakers={opts.max_speakers} with diarize=False; "
+                "speaker counts only apply when diarizing."
+            )
+
     def _transcribe(self, audio: np.ndarray, opts: TranscribeOptions) -> TranscriptionResult:
         warnings: list = []
         duration = audio.size / SAMPLE_RATE
         language, probability = self._language(audio, opts)
-        raw_segments = self._asr(audio, opts, language)
-        segments = [_segment(s) for s in raw_segments]
-        if opts.word_timestamps and segments:
-            segments = self._align(raw_segments, audio, language, warnings) or segments
+        align = opts.word_timestamps
+        segments: List[Segment] = []
+        for start, end in audio_windows(audio, self._args.window_s, self._args.window_cut_search_s):
+            piece = audio[start:end]  # a view: windows bound what VAD, ASR and alignment hold at once
+            raw_segments = self._asr(piece, opts, language)
+            window_segments = [_segment(s) for s in raw_segments]
+            if align and window_segments:
+                aligned = self._align(raw_segments, piece, language, warnings)
+                align = aligned is not None  # one warning per request, not per window
+                window_segments = aligned or window_segments
+            segments.extend(_shifted(s, start / SAMPLE_RATE) for s in window_segments)
+            del piece, raw_segments, window_segments
+            release_freed_memory()
         if opts.diarize and segments:
             segments = self._diarize(segments, audio, opts)
         return TranscriptionResult(
@@ -274,19 +323,23 @@ class WhisperXTranscriber:
         return [_segment(s) for s in aligned["segments"] if s.get("text", "").strip()]
 
     def _diarize(self, segments: list, audio: np.ndarray, opts: TranscribeOptions) -> list:
-        import os
-
         import whisperx
         from whisperx.diarize import DiarizationPipeline
 
         with self._diarizer_lock:
             if self._diarizer is None:
-                self._diarizer = DiarizationPipeline(
-                    model_name=self._args.diarization_model,
-                    token=os.environ.get(self._args.hf_token_env),
-                    device=self._device,
-                    cache_dir=self._args.model_cache,
-                )
+                try:
+                    self._diarizer = DiarizationPipeline(
+                        model_name=self._args.diarization_model,
+                        token=os.environ.get(self._args.hf_token_env),
+                        device=self._device,
+                        cache_dir=self._args.model_cache,
+                    )
+                except Exception as e:
+                    raise ModelUnavailableError(
+                        f"Diarization was requested but the configured diarization_model "
+                        f"{self._args.diarization_model!r} could not be loaded ({type(e).__name__}: {e})."
+                    ) from e
         turns = self._diarizer(audio, min_speakers=opts.min_speakers, max_speakers=opts.max_speakers)
         labelled = whisperx.assign_word_speakers(turns, {"segments": segments})
         return [_segment(s) for s in labelled["segments"]]
@@ -351,6 +404,67 @@ def _segment(raw: Dict[str, Any]) -> Segment:
     if raw.get("speaker") is not None:
         seg["speaker"] = str(raw["speaker"])
     return seg
+
+
+def audio_windows(audio: np.ndarray, window_s: float, cut_search_s: float) -> Iterator[Tuple[int, int]]:
+    """Sample ranges that cover the audio, each at most `window_s` long, cut at quiet moments.
+
+    A window that does not reach the end of the audio ends at the centre of the quietest 0.1 s
+    frame (lowest mean square) within its last `cut_search_s` seconds, so a cut falls in a pause
+    rather than inside a word. Audio of at most `window_s` is one window.
+
+    Args:
+        audio: The samples (read, not copied).
+        window_s: Longest window, in seconds.
+        cut_search_s: How far before a window's limit to look for the quietest frame, in seconds;
+            less than `window_s`.
+
+    Yields:
+        (start, end) sample indices, contiguous, from 0 to `audio.size`.
+    """
+    num_samples = audio.size
+    window, search, frame = int(window_s * SAMPLE_RATE), int(cut_search_s * SAMPLE_RATE), SAMPLE_RATE // 10
+    start = 0
+    while num_samples - start > window:
+        limit = start + window
+        region = audio[limit - search : limit]
+        frames = region[: region.size // frame * frame].reshape(-1, frame)
+        quietest = int(np.argmin(np.mean(np.square(frames, dtype=np.float64), axis=1)))
+        end = limit - search + quietest * frame + frame // 2
+        yield start, end
+        start = end
+    yield start, num_samples
+
+
+def release_freed_memory() -> None:
+    """Hands memory that glibc's malloc keeps after frees back to the OS (no-op elsewhere).
+
+    VAD and batched decoding allocate and free many large buffers from several threads; glibc
+    keeps freed memory in its per-thread arenas, so without a trim the RSS keeps what the
+    largest window needed and creeps up with fragmentation; see malloc_trim(3).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _shifted(segment: Segment, offset_s: float) -> Segment:
+    """A segment (and its words) moved from window time to file time."""
+    if not offset_s:
+        return segment
+    out = Segment(segment)
+    out["start"] = round(segment["start"] + offset_s, 3)
+    out["end"] = round(segment["end"] + offset_s, 3)
+    if "words" in segment:
+        out["words"] = [
+            {**w, **{k: round(w[k] + offset_s, 3) for k in ("start", "end") if k in w}} for w in segment["words"]
+        ]
+    return out
 
 
 def build_app(args: Dict[str, Any]) -> Application:
