@@ -111,3 +111,37 @@ def test_random_plans_keep_the_invariants(seed):
         for s in speech:
             if s["start"] < w.start < s["end"] or s["start"] < w.end < s["end"]:
                 assert s["end"] - s["start"] > MAX, (w, s)
+
+
+# -- remaining_window: speech the decoder never reached in a window -------------------------------
+
+from deployments.belle2.windows import remaining_window  # noqa: E402
+
+
+def test_speech_left_after_an_early_end_is_decoded_again():
+    speech = spans((1.0, 5.0), (6.0, 20.0), (22.0, 28.0))
+    window = Window(int(0.8 * SR), int(28.2 * SR))
+    rest = remaining_window(window, int(7.5 * SR), speech, min_speech_samples=SR // 2, pad_samples=PAD)
+    assert rest == Window(int(7.5 * SR), window.end)  # from where decoding stopped, inside a span
+
+
+def test_remainder_starts_with_padding_before_the_next_span():
+    speech = spans((1.0, 5.0), (22.0, 28.0))
+    window = Window(int(0.8 * SR), int(28.2 * SR))
+    rest = remaining_window(window, int(5.0 * SR), speech, min_speech_samples=SR // 2, pad_samples=PAD)
+    assert rest == Window(int(21.8 * SR), window.end)
+
+
+def test_little_or_no_speech_left_needs_no_second_decode():
+    speech = spans((1.0, 5.0), (6.0, 6.3))
+    window = Window(int(0.8 * SR), int(6.5 * SR))
+    assert remaining_window(window, int(5.0 * SR), speech, min_speech_samples=SR // 2) is None
+    assert remaining_window(window, int(6.5 * SR), speech, min_speech_samples=SR // 2) is None
+
+
+def test_remainders_always_shrink():
+    speech = spans((0.0, 29.0))
+    window = Window(0, 29 * SR)
+    assert remaining_window(window, 0, speech, min_speech_samples=SR // 2) is None  # nothing decoded yet
+    rest = remaining_window(window, 3 * SR, speech, min_speech_samples=SR // 2)
+    assert rest.start > window.start and rest.end == window.end

@@ -24,7 +24,7 @@ from ray.serve import Application
 
 from deployments.belle2.decoding import EncoderOutputMemo, SharedCrossAttention, reorder_self_attention_only
 from deployments.belle2.text import ScriptConverter, collapse_repetitions
-from deployments.belle2.windows import Window, plan_windows
+from deployments.belle2.windows import Window, plan_windows, remaining_window
 from deployments.contract import (
     SAMPLE_RATE,
     EnvInfo,
@@ -49,6 +49,10 @@ logger = logging.getLogger(__name__)
 
 APP_NAME = "belle2"
 WINDOW_SECONDS = 30
+# Speech the decoder left undecoded at the end of a window (an early end-of-text) is decoded
+# again from where it stopped, when there is at least this much of it, at most this many times.
+FOLLOW_UP_MIN_SPEECH_S = 0.5
+MAX_FOLLOW_UPS = 2
 
 
 class Belle2Args(ModelAppArgs):
@@ -190,13 +194,25 @@ class Belle2Transcriber:
 
     def _transcribe(self, audio: np.ndarray, opts: TranscribeOptions) -> TranscriptionResult:
         warnings: List[str] = []
-        windows = self._windows(audio)
+        speech = self._speech(audio)
+        windows = self._windows(speech, audio.size)
         segments: List[Segment] = []
-        for first in range(0, len(windows), self._args.batch_size):
-            batch = windows[first : first + self._args.batch_size]
-            decoded = self._decode([audio[w.start : w.end] for w in batch], opts)
-            for window, window_segments in zip(batch, decoded):
-                segments.extend(self._place(window, window_segments, audio.size))
+        for _ in range(1 + MAX_FOLLOW_UPS):
+            left_over: List[Window] = []
+            for first in range(0, len(windows), self._args.batch_size):
+                batch = windows[first : first + self._args.batch_size]
+                decoded = self._decode([audio[w.start : w.end] for w in batch], opts)
+                for window, window_segments in zip(batch, decoded):
+                    placed = self._place(window, window_segments, audio.size)
+                    segments.extend(placed)
+                    rest = self._remaining(window, placed, speech)
+                    if rest is not None:
+                        left_over.append(rest)
+            if not left_over:
+                break
+            logger.info("Decoding again the speech left after an early end in %d window(s).", len(left_over))
+            windows = left_over
+        segments.sort(key=lambda s: s["start"])
         segments = self._clean(segments, opts, warnings)
         return TranscriptionResult(
             segments=segments,
@@ -207,13 +223,15 @@ class Belle2Transcriber:
             model=self._model_info(),
         )
 
-    def _windows(self, audio: np.ndarray) -> List[Window]:
+    def _speech(self, audio: np.ndarray) -> List[dict]:
         from faster_whisper.vad import get_speech_timestamps
 
-        speech = get_speech_timestamps(audio, vad_options=self._vad_options, sampling_rate=SAMPLE_RATE)
+        return get_speech_timestamps(audio, vad_options=self._vad_options, sampling_rate=SAMPLE_RATE)
+
+    def _windows(self, speech: List[dict], total_samples: int) -> List[Window]:
         return plan_windows(
             speech,
-            total_samples=audio.size,
+            total_samples=total_samples,
             max_samples=WINDOW_SECONDS * SAMPLE_RATE,
             pad_samples=self._args.window_pad_ms * SAMPLE_RATE // 1000,
         )
@@ -246,6 +264,17 @@ class Belle2Transcriber:
                 return_segments=True,
             )
         return out["segments"]
+
+    def _remaining(self, window: Window, placed: List[Segment], speech: List[dict]) -> Optional[Window]:
+        if not placed:  # nothing decoded (silence, or skipped as no speech): the same again would be too
+            return None
+        return remaining_window(
+            window,
+            int(max(s["end"] for s in placed) * SAMPLE_RATE),
+            speech,
+            min_speech_samples=int(FOLLOW_UP_MIN_SPEECH_S * SAMPLE_RATE),
+            pad_samples=self._args.window_pad_ms * SAMPLE_RATE // 1000,
+        )
 
     def _place(self, window: Window, raw_segments: list, total_samples: int) -> List[Segment]:
         """Turns a window's segments into absolute times, clipped to the window."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 
 class Window(NamedTuple):
@@ -56,3 +56,40 @@ def plan_windows(
         after = min(pad_samples, room - before, gap_after if i + 1 == len(groups) else gap_after - gap_after // 2)
         windows.append(Window(max(start - before, 0), min(end + after, total_samples)))
     return windows
+
+
+def remaining_window(
+    window: Window,
+    decoded_until: int,
+    speech: Sequence[dict],
+    *,
+    min_speech_samples: int,
+    pad_samples: int = 0,
+) -> Optional[Window]:
+    """The part of a decoded window whose speech the decoder never reached, if any.
+
+    Whisper sometimes ends a window early (an end-of-text after a pause, or a new speaker), and
+    its own long-form loop then moves on to the next 30 s, dropping what was left. With the VAD's
+    spans at hand, the speech left after the last decoded segment is known; when there is at
+    least `min_speech_samples` of it, that remainder is decoded again as a window of its own.
+
+    Args:
+        window: The window that was decoded.
+        decoded_until: End of its last decoded segment, in samples (absolute).
+        speech: The VAD's speech spans, as for `plan_windows`.
+        min_speech_samples: Less speech than this left over is not worth another decode.
+        pad_samples: Context kept before the first left-over span.
+
+    Returns:
+        The window to decode next, always starting after `decoded_until` and so shorter than
+        `window` (repeated calls end), or None.
+    """
+    start = max(decoded_until, window.start)
+    left = [
+        (max(int(s["start"]), start), min(int(s["end"]), window.end))
+        for s in speech
+        if int(s["end"]) > start and int(s["start"]) < window.end
+    ]
+    if sum(b - a for a, b in left) < min_speech_samples or start <= window.start:
+        return None
+    return Window(max(start, left[0][0] - pad_samples), window.end)
