@@ -20,14 +20,15 @@ from fastapi.responses import JSONResponse, Response
 import ray
 from ray import serve
 from ray.serve import Application
+from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.contract import InvalidOptionsError, TranscribeOptions
+from deployments.contract import InvalidOptionsError, ModelUnavailableError, TranscribeOptions
 from deployments.runtime import check_environment, package_versions, validate_audio
 from serve_app.admission import Admission
 from serve_app.audio import decode_audio
 from serve_app.config import IngressSettings
-from serve_app.errors import ErrorResponse, UploadTooLargeError, create_error_response, error_response_for
+from serve_app.errors import APIError, ErrorResponse, UploadTooLargeError, create_error_response, error_response_for
 from serve_app.formats import join_text, render, server_timing
 from serve_app.langid import LanguageDetector
 from serve_app.protocol import TranscriptionRequest
@@ -61,6 +62,18 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     return create_error_response(exc.status_code, str(exc.detail), type="invalid_request_error")
+
+
+@api.exception_handler(APIError)
+@api.exception_handler(ValueError)  # InvalidAudioError, InvalidOptionsError, UnsupportedMediaError
+@api.exception_handler(ModelUnavailableError)
+@api.exception_handler(BackPressureError)
+@api.exception_handler(TimeoutError)
+@api.exception_handler(NotImplementedError)
+async def _expected_error(request: Request, exc: Exception) -> JSONResponse:
+    # Handled here, Starlette answers and stops; the catch-all below answers and re-raises,
+    # which Serve logs as a failed request with a traceback: right for a 500, noise for a 4xx.
+    return error_response_for(exc)
 
 
 @api.exception_handler(Exception)

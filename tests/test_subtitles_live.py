@@ -7,8 +7,9 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-# Measured on this machine (2026-11-21, base models): subtitle share vs the model's raw segments.
-# zh 70 s through belle2: subtitle 1.00 (raw 0.33); de 68 s through whisperx with words: 1.00 (raw 0.56).
+# Measured here (2026-11-21, base models), subtitle share against the model's raw segments:
+# zh 70 s through belle2: 1.00 over 23 cues (raw 0.96 over 24); de 68 s through whisperx (no
+# alignment model offline, so character-share times): 1.00 over 13 cues (raw 0.00 over 4).
 MIN_SHARE = 0.9
 
 
@@ -45,6 +46,9 @@ def test_long_recordings_become_compliant_subtitles(base_url, data_dir, clip, mo
     for a, b in zip(segments, segments[1:]):
         assert a["start"] <= a["end"] <= b["start"] + 1e-3
     assert segments[-1]["end"] <= body["duration"] + 1e-3
-    if "timestamp_granularities[]" in form:  # cues cut on the aligner's word times
+    if "timestamp_granularities[]" in form:
         timed = [s for s in segments if s.get("words") and "start" in s["words"][0]]
-        assert timed and all(s["start"] <= s["words"][0]["start"] + 1e-3 for s in timed)
+        if timed:  # cues cut on the aligner's word times
+            assert all(s["start"] <= s["words"][0]["start"] + 1e-3 for s in timed)
+        else:  # no wav2vec2 alignment model offline: character-share times, and the warning says so
+            assert any("Word timestamps are unavailable" in w for w in body["warnings"]), body["warnings"]
