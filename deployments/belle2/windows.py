@@ -64,7 +64,6 @@ def remaining_window(
     speech: Sequence[dict],
     *,
     min_speech_samples: int,
-    pad_samples: int = 0,
 ) -> Optional[Window]:
     """The part of a decoded window whose speech the decoder never reached, if any.
 
@@ -78,7 +77,6 @@ def remaining_window(
         decoded_until: End of its last decoded segment, in samples (absolute).
         speech: The VAD's speech spans, as for `plan_windows`.
         min_speech_samples: Less speech than this left over is not worth another decode.
-        pad_samples: Context kept before the first left-over span.
 
     Returns:
         The window to decode next, always starting after `decoded_until` and so shorter than
@@ -92,4 +90,6 @@ def remaining_window(
     ]
     if sum(b - a for a, b in left) < min_speech_samples or start <= window.start:
         return None
-    return Window(max(start, left[0][0] - pad_samples), window.end)
+    # From where decoding stopped, not from the next span: the VAD misses soft or distant speech
+    # (a poem read quietly lost 22 s that way), and the decoder judges silence itself.
+    return Window(start, window.end)
