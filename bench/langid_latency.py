@@ -19,6 +19,7 @@ bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import sys
@@ -134,6 +135,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     rows = load_manifest(TEST_MANIFEST)
+    load_before = os.getloadavg()[0]
     local = in_process(rows, args.repeat)
     table, summary_rows = [], []
     for ours, base in zip(local["ours"], local["baseline"]):
@@ -164,6 +166,9 @@ def main(argv=None) -> int:
         summary_rows.append({"measure": "service: added wall time (without - with language)", **summarize(added), "correct": f"same model {same}/{len(paired)}"})
         summary_rows.append({"measure": "service: Server-Timing langid", **summarize(langid), "correct": ""})
 
+    # Other work on the machine inflates every figure; the ratio to the baseline is the stable one.
+    load = f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores"
+    print(load)
     columns = ["measure", "n", "p50_ms", "p95_ms", "correct"]
     print(md_table(summary_rows, columns))
     print()
@@ -177,7 +182,7 @@ def main(argv=None) -> int:
             f"speech {s['min_seconds']:g}-{s['max_seconds']:g} s. {len(rows)} clips of tests/data, "
             f"{args.repeat} timed runs each in-process"
             + ("" if args.no_service else f", {args.service_repeat} interleaved pairs each through the service")
-            + f". Goal: <= {GOAL_MS:.0f} ms p50 ({verdict}).\n\n"
+            + f". Goal: <= {GOAL_MS:.0f} ms p50 ({verdict}). Machine {load}.\n\n"
             + md_table(summary_rows, columns)
             + "\n\nPer clip (in-process):\n\n"
             + md_table(table)
