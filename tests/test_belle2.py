@@ -175,7 +175,9 @@ def test_simplified_by_default_traditional_on_request(belle2, results):
     name = "zh_funasr_asr_example.flac"
     simplified = full_text(results(name))
     traditional = full_text(transcribe(belle2, DATA / name, script="traditional"))
-    assert "语音识别" in simplified and "語音識別" in traditional, (simplified, traditional)
+    # Whisper base hears "运营识别" here (measured); the script is what this test is about.
+    assert "欢迎大家来体验" in simplified and "识别" in simplified, simplified
+    assert "歡迎大家來體驗" in traditional and "識別" in traditional, traditional
     assert opencc.OpenCC("t2s").convert(simplified) == simplified
     assert opencc.OpenCC("s2t").convert(traditional) == traditional
     assert opencc.OpenCC("t2s").convert(traditional) == simplified
