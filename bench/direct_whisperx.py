@@ -13,7 +13,7 @@ Matched to the whisperx app (deployments/whisperx/app.py, runtime_envs/local.yam
 type float32, CTranslate2 threads (`--threads`, the app's cpu_threads), batch size (whisperx),
 beam 5 with best_of 5 and temperatures 0.0-1.0 in steps of 0.2, compression-ratio 2.4,
 log-prob -1.0, no-speech 0.6, no conditioning on previous text, VAD onset 0.5 / offset 0.363,
-chunk size 30 s. Audio is decoded with PyAV (faster_whisper.decode_audio) before timing, as the
+chunk size 30 s, OMP_NUM_THREADS=1 (the service env's). Audio is decoded with PyAV (faster_whisper.decode_audio) before timing, as the
 app receives decoded samples.
 
 Prints one JSON line per file and a last summary line on stdout; logs go to stderr.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,10 @@ from typing import Callable, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# As the service's env (runtime_envs/local.yaml env_vars): torch (VAD) on one OpenMP thread;
+# CTranslate2 takes --threads. With the default (one per core) OpenMP threads spin against the
+# decoder's on a busy machine and the direct run comes out several times slower than the app.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from deployments.runtime import process_memory  # noqa: E402
 

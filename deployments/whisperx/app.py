@@ -148,9 +148,16 @@ class WhisperXTranscriber:
 
         from deployments.whisperx.punkt import ensure_punkt_tab
 
+        import tempfile
+
         root = self._args.nltk_data or os.path.join(self._args.model_cache or os.path.expanduser("~"), "nltk_data")
         # whisperx.align falls back to Punkt's English model for languages it has no entry for.
-        ensure_punkt_tab(root, {"english", *PUNKT_LANGUAGES.values()})
+        languages = {"english", *PUNKT_LANGUAGES.values()}
+        try:
+            ensure_punkt_tab(root, languages)
+        except OSError as e:  # a read-only model cache (an image's /models): this replica's temp dir
+            logger.warning("Cannot write Punkt data under %s (%s); using a temporary directory.", root, e)
+            ensure_punkt_tab(tempfile.mkdtemp(prefix="nltk_data-"), languages)
 
     def _warmup(self) -> None:
         started = time.perf_counter()
