@@ -99,7 +99,13 @@ def summarise(rows: List[dict], service: Dict[str, dict], direct: Dict[str, str]
          "direct_chars": len(normalize(direct.get(r["path"], "")))}
         for r in rows if r["reference"] == ""
     ]
-    return per_language, langid, silence
+    per_file = [
+        {"file": r["file"], "served_by": service[r["path"]]["model"], "detected": service[r["path"]]["language"],
+         "service": error_rate(r["language"], [r["reference"]], [service[r["path"]]["text"]]),
+         "direct": error_rate(r["language"], [r["reference"]], [direct.get(r["path"], "")])}
+        for r in speech if r["reference"]
+    ]
+    return per_language, per_file, langid, silence
 
 
 def main(argv=None) -> int:
@@ -121,7 +127,7 @@ def main(argv=None) -> int:
     served_by = {path: body["model"] for path, body in service.items()}
     direct = transcribe_direct(rows, served_by)
 
-    per_language, langid, silence = summarise(rows, service, direct)
+    per_language, per_file, langid, silence = summarise(rows, service, direct)
     long_enough = [x for x in langid if x["seconds"] >= 3]
     correct = sum(x["expected"] == x["detected"] for x in long_enough)
     wrong = [x for x in langid if x["expected"] != x["detected"]]
@@ -131,6 +137,7 @@ def main(argv=None) -> int:
         "Error rates are corpus-level over clips with a reference; `direct` is the same model called "
         "directly in the same run (transformers for the belle2 path, faster-whisper for the whisperx path).",
         "### Error rate per language\n\n" + md_table(per_language, ["language", "metric", "clips", "audio_s", "service", "direct", "served_by"]),
+        "### Error rate per clip\n\n" + md_table(per_file, ["file", "served_by", "detected", "service", "direct"]),
         f"### Language ID (service)\n\n{correct}/{len(long_enough)} correct on speech clips >= 3 s; "
         f"{sum(x['expected'] == x['detected'] for x in langid)}/{len(langid)} on all speech clips.\n\n"
         + (md_table(wrong, ["file", "expected", "detected", "probability", "seconds"]) if wrong else "No errors."),
