@@ -24,7 +24,7 @@ from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.contract import InvalidOptionsError, ModelUnavailableError, TranscribeOptions
-from deployments.runtime import check_environment, package_versions, validate_audio
+from deployments.runtime import check_environment, package_versions, process_memory, validate_audio
 from serve_app.admission import Admission
 from serve_app.audio import decode_audio
 from serve_app.config import IngressSettings
@@ -176,6 +176,10 @@ class TranscriptionIngress:
         opts = TranscribeOptions.from_dict({"language": language, "task": task, **options})
         body, segments, _ = await self._run(samples, ModelRouter.resolve_alias(model), opts, segmentation=segmentation)
         return {**body, "segments": segments}
+
+    def memory(self) -> dict:
+        """This replica's resident memory now and at its peak (for bench/speed.py)."""
+        return process_memory()
 
     async def model_info(self, model: str) -> dict:
         """A model app's `info()` (runtime env), or why it is unavailable."""

@@ -104,3 +104,18 @@ def test_replica_with_other_ray_version_fails_at_start(serve_cluster):
         serve_cluster.wait_gone("version-probe")
     # the apps deployed before the change still serve
     assert httpx.get(f"{serve_cluster.url}/health", timeout=30).status_code == 200
+
+
+def test_every_app_reports_its_replica_memory(serve_cluster):
+    """bench/speed.py reads peak RSS per replica through these handles."""
+    import os
+
+    from ray import serve
+
+    pids = set()
+    for app in ("transcription", "belle2", "whisperx"):
+        mem = serve.get_app_handle(app).memory.remote().result(timeout_s=60)
+        assert mem["pid"] != os.getpid()
+        assert 0 < mem["rss_bytes"] <= mem["peak_rss_bytes"], (app, mem)
+        pids.add(mem["pid"])
+    assert len(pids) == 3  # three replicas, three processes
