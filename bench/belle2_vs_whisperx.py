@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import CORPUS_MANIFEST, ROOT, TEST_MANIFEST, load_manifest, md_table, record, run_direct
+from common import CORPUS_MANIFEST, ROOT, TEST_MANIFEST, attach, load_manifest, md_table, record, run_direct
 
 from deployments.contract import TranscribeOptions
 from tests.textnorm import cer
@@ -62,12 +62,11 @@ def main(argv=None) -> int:
     parser.add_argument("--note", default="", help="A line stored with the results (what was deployed).")
     args = parser.parse_args(argv)
 
-    import ray
     from ray import serve
 
     from serve_app.audio import decode_audio
 
-    ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
+    attach(args.address)
     handles = {app: serve.get_app_handle(app) for app in APPS}
     info = {app: handles[app].info.remote().result(timeout_s=120) for app in APPS}
     options = TranscribeOptions(language="zh", beam_size=5).to_dict()

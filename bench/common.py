@@ -60,6 +60,17 @@ def run_direct(env: str, script: str, args: List[str], timeout_s: float = 3600) 
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
+def attach(address: str) -> None:
+    """Connects this process to the `make serve` Ray cluster (GCS address), as a driver.
+
+    `make serve` runs Ray with token auth; callers end with `ray.shutdown()`.
+    """
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    import ray
+
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+
+
 def commit() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()

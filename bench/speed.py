@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import os
 import re
 import sys
 import threading
@@ -31,7 +30,7 @@ from typing import Dict, List
 
 import httpx
 
-from common import DEFAULT_URL, ROOT, md_table, percentile, record, run_direct
+from common import DEFAULT_URL, ROOT, attach, md_table, percentile, record, run_direct
 
 DATA = ROOT / "tests" / "data"
 CT2_MODEL = ROOT / "models" / "faster-whisper-base"
@@ -146,11 +145,10 @@ def concurrency(url: str, clients: int, requests_per_client: int) -> dict:
 
 def replica_memory(address: str) -> List[dict]:
     """RSS of each model replica, through its app's `memory()`."""
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
     from ray import serve
 
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    attach(address)
     try:
         rows = []
         for app in ("transcription", "belle2", "whisperx"):

@@ -25,7 +25,7 @@ from typing import List
 import numpy as np
 import yaml
 
-from common import ROOT, md_table, record, run_direct
+from common import ROOT, attach, md_table, record, run_direct
 
 DATA = ROOT / "tests" / "data"
 SR = 16_000
@@ -101,12 +101,11 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="print only; leave bench/RESULTS.md alone")
     opts = parser.parse_args()
 
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # `make serve` runs with token auth
     import ray
     from ray import serve
 
     args = local_whisperx_args()
-    ray.init(address=opts.address, logging_level="ERROR", log_to_driver=False)
+    attach(opts.address)
     try:
         handle = serve.get_app_handle("whisperx")
         app_rows = app_speed(handle, opts.repeat)

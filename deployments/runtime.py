@@ -201,12 +201,22 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def process_memory() -> dict:
+def process_memory(reset_peak: bool = False) -> dict:
     """This process's resident memory now and at its peak (Linux /proc), as builtins.
 
     Model replicas return it from `memory()` so that bench/ can record peak RSS per replica
     without reaching into the cluster's processes.
+
+    Args:
+        reset_peak: First reset the peak to the current RSS (Linux `clear_refs`), so that a
+            later call reports the peak of what ran in between.
     """
+    if reset_peak:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # "5" resets the peak RSS (VmHWM); see proc(5)
+        except OSError:
+            logger.warning("Could not reset the peak RSS (not Linux?).")
     fields = {"VmRSS": "rss_bytes", "VmHWM": "peak_rss_bytes"}
     out = {"pid": os.getpid(), "rss_bytes": 0, "peak_rss_bytes": 0}
     try:

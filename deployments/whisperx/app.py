@@ -192,16 +192,10 @@ class WhisperXTranscriber:
         """This replica's resident memory now and at its peak (`runtime.process_memory`).
 
         Args:
-            reset_peak: First reset the peak to the current RSS (Linux `clear_refs`), so that a
-                later call reports the peak of what ran in between (bench/whisperx_app.py).
+            reset_peak: First reset the peak, so that a later call reports the peak of what ran
+                in between (bench/whisperx_app.py).
         """
-        if reset_peak:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")  # "5" resets the peak RSS (VmHWM); see proc(5)
-            except OSError:
-                logger.warning("Could not reset the peak RSS (not Linux?).")
-        return process_memory()
+        return process_memory(reset_peak)
 
     def info(self) -> EnvInfo:
         """This replica's runtime env: interpreter, Ray and library versions, device, model."""
