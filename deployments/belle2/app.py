@@ -22,7 +22,11 @@ from pydantic import Field
 from ray import serve
 from ray.serve import Application
 
-from deployments.belle2.decoding import EncoderOutputMemo, SharedCrossAttention, reorder_self_attention_only
+from deployments.belle2.decoding import (
+    NoSpeechFromPrefill,
+    SharedCrossAttention,
+    reorder_self_attention_only,
+)
 from deployments.belle2.text import ScriptConverter, collapse_repetitions
 from deployments.belle2.windows import Window, plan_windows, remaining_window
 from deployments.contract import (
@@ -42,6 +46,7 @@ from deployments.runtime import (
     package_versions,
     process_memory,
     resolve_device,
+    set_torch_threads,
     validate_audio,
 )
 
@@ -68,8 +73,8 @@ class Belle2Args(ModelAppArgs):
     vad_threshold: float = Field(0.35, gt=0, lt=1, description="Silero speech probability threshold; below faster-whisper's 0.5, which missed 22 s of a softly read poem (the decoder's no-speech check judges the rest).")
     vad_min_silence_ms: int = Field(500, ge=0, description="Silence that ends a speech span.")
     window_pad_ms: int = Field(200, ge=0, description="Context added around each window where there is room.")
-    decoding_shortcuts: bool = Field(True, description="Encode each batch once and leave identical cross-attention caches unreordered (deployments/belle2/decoding.py); exact, off only to measure what they save.")
-    cpu_threads: int = Field(0, ge=0, description="PyTorch intra-op threads on CPU (torch.set_num_threads); 0 keeps PyTorch's default (OMP_NUM_THREADS or the core count).")
+    decoding_shortcuts: bool = Field(True, description="Read no-speech from the prompt pass, project and attend to the beams' shared encoder states once, leave identical cross-attention caches unreordered (deployments/belle2/decoding.py); the same tokens, off only to measure what they save.")
+    cpu_threads: int = Field(0, ge=0, description="PyTorch intra-op threads on CPU, set in every decoding thread (runtime.set_torch_threads); 0 keeps PyTorch's default (OMP_NUM_THREADS or the core count).")
 
 
 @serve.deployment(
@@ -93,10 +98,10 @@ class Belle2Transcriber:
         if self._device == "cuda":
             cap_torch_gpu_memory(self._args.gpu_memory_fraction)
         self._dtype = torch.float16 if self._device == "cuda" else torch.float32
-        if self._device == "cpu" and self._args.cpu_threads:
-            torch.set_num_threads(self._args.cpu_threads)
+        self._cpu_threads = self._args.cpu_threads if self._device == "cpu" else 0
+        set_torch_threads(self._cpu_threads)
         self._processor, self._model = self._load_model()
-        self._encoder_memo = EncoderOutputMemo(self._model.get_encoder(), enabled=self._args.decoding_shortcuts)
+        self._no_speech = NoSpeechFromPrefill(self._model, enabled=self._args.decoding_shortcuts)
         self._shared_cross = None
         if self._args.decoding_shortcuts:
             self._model._reorder_cache = reorder_self_attention_only
@@ -186,6 +191,19 @@ class Belle2Transcriber:
         """This replica's resident memory now and at its peak (`runtime.process_memory`)."""
         return process_memory()
 
+    def decoding_shortcut_hits(self) -> Dict[str, int]:
+        """How often each decoding shortcut (deployments/belle2/decoding.py) has applied since start.
+
+        All stay 0 with `decoding_shortcuts: false`; one that stays 0 with them on means a
+        transformers change went round it (tests/test_belle2.py checks this).
+        """
+        shared = self._shared_cross
+        return {
+            "no_speech_from_prefill": self._no_speech.hits,
+            "cross_projection_shared": shared.projection_hits if shared else 0,
+            "cross_attention_shared": shared.attention_hits if shared else 0,
+        }
+
     def check_health(self) -> None:
         if self._model is None:
             raise ModelUnavailableError("BELLE-2 model not loaded.")
@@ -193,6 +211,7 @@ class Belle2Transcriber:
     # -- stages ------------------------------------------------------------------------------
 
     def _transcribe(self, audio: np.ndarray, opts: TranscribeOptions) -> TranscriptionResult:
+        set_torch_threads(self._cpu_threads)  # this runs in a worker thread
         warnings: List[str] = []
         speech = self._speech(audio)
         windows = self._windows(speech, audio.size)
@@ -247,7 +266,7 @@ class Belle2Transcriber:
             prompt_ids = self._processor.get_prompt_ids(opts.initial_prompt, return_tensors="pt").to(self._device)
         temperature = opts.temperature if len(opts.temperature) > 1 else opts.temperature[0]
         shared_cross = self._shared_cross.active() if self._shared_cross else contextlib.nullcontext()
-        with torch.inference_mode(), self._encoder_memo.active(), shared_cross:
+        with torch.inference_mode(), self._no_speech.active(), shared_cross:
             out = self._model.generate(
                 features,
                 language="zh",

@@ -1,64 +1,22 @@
-"""Three exact shortcuts around transformers' Whisper `generate` (same tokens, less work).
+"""Shortcuts around transformers' Whisper `generate` (same tokens, less work).
 
-Profiled on CPU (whisper base, beam 5), `generate` spent about a quarter of its time on a 5 s
-clip running the encoder a second time, most of its time on a 70 s batch copying
-cross-attention caches between beams, and then a further sixth reading five identical copies of
-those caches every step. None of this changes an output token, so all three are skipped here.
-Plain Python/stdlib at import; torch/transformers objects come from the caller.
+Profiled on CPU (whisper base, beam 5): on a 5 s clip `generate` spent about a third of its
+time on a second pass of the whole model (encoder and decoder) over the prompt, only to read
+the no-speech probability, and a further fifth projecting five identical copies of the encoder
+output (one per beam) to cross-attention keys and values; on a 70 s batch most of its time went
+on copying those caches between beams, and a further sixth on reading all five copies every
+step. None of this changes an output token (checked on every Mandarin clip in tests/data and the
+87 s concatenation, and by tests/test_belle2.py), so it is skipped here. Plain Python/stdlib at
+import; torch/transformers objects come from the caller.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
-from typing import Any, Iterator
-
-
-class EncoderOutputMemo:
-    """Runs the Whisper encoder once per batch of windows, though `generate` asks twice.
-
-    transformers' `WhisperNoSpeechDetection` logits processor gets the no-speech probability by
-    calling the whole model again, on the same input-features tensor, at the first decoding
-    step (`generation/logits_process.py`), which encodes the 30 s windows a second time. Inside
-    `active()`, the encoder's output is kept for the tensor it was computed from and handed back
-    when the very same tensor object comes again. The memo holds that tensor, so its memory
-    cannot be reused by another tensor while the entry lives; entries are per thread (a replica
-    decodes concurrent requests in threads) and dropped when `active()` exits.
-    """
-
-    def __init__(self, encoder: Any, *, enabled: bool = True):
-        self._forward = encoder.forward
-        self._local = threading.local()
-        self.hits = 0
-        if enabled:
-            encoder.forward = self._call
-
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        """Memoises encoder calls made by this thread until the block exits."""
-        self._local.active, self._local.entry = True, None
-        try:
-            yield
-        finally:
-            self._local.active, self._local.entry = False, None
-
-    def _call(self, input_features, attention_mask=None, **kwargs):
-        plain = (
-            getattr(self._local, "active", False)
-            and attention_mask is None
-            and not kwargs.get("output_attentions")
-            and not kwargs.get("output_hidden_states")
-            and kwargs.get("return_dict", True) is not False
-        )
-        if not plain:
-            return self._forward(input_features, attention_mask=attention_mask, **kwargs)
-        entry = self._local.entry
-        if entry is not None and entry[0] is input_features:
-            self.hits += 1
-            return entry[1]
-        out = self._forward(input_features, **kwargs)
-        self._local.entry = (input_features, out)
-        return out
+from types import SimpleNamespace
+from typing import Any, Iterator, Optional
 
 
 def reorder_self_attention_only(cache: Any, beam_idx: Any) -> Any:
@@ -79,15 +37,20 @@ def reorder_self_attention_only(cache: Any, beam_idx: Any) -> Any:
 
 
 class SharedCrossAttention:
-    """Cross-attention that reads each input's encoder keys/values once for all its beams.
+    """Cross-attention that projects and reads each input's encoder states once for all its beams.
 
     During beam search transformers copies the encoder output once per beam, so the five beams
-    of one window carry five identical copies of its cross-attention keys and values, and every
-    decoding step reads all of them (memory-bound on CPU: about a quarter of decoding time on a
-    70 s clip). Rows of the cache that are *verified* identical (once per cache tensor) are
-    attended to once, with their beams' queries stacked along the query axis. Each query still
-    attends to exactly the same keys and values, so the result is the same attention; anything
-    else (self-attention, masks, rows that differ) goes to transformers' SDPA unchanged.
+    of one window carry five identical copies of it. Two costs follow, both removed here:
+    - the prompt pass projects every copy to cross-attention keys and values (on CPU, with the
+      no-speech pass gone, the largest single cost of a short clip after the encoder); the
+      projection now runs on one copy per input and its result is repeated for the beams;
+    - every decoding step reads all copies of those keys and values (memory-bound on CPU: about
+      a quarter of decoding time on a 70 s clip); rows of the cache that are *verified*
+      identical (once per cache tensor) are attended to once, with their beams' queries stacked
+      along the query axis.
+    Each query still attends to the same keys and values, so the attention is the same up to
+    float rounding; anything else (self-attention, masks, rows that differ) goes to
+    transformers' own code unchanged.
 
     Registered as an attention implementation of its own (`NAME`) and used only inside
     `active()`; entries are per thread and dropped when the block exits.
@@ -100,18 +63,36 @@ class SharedCrossAttention:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         self._sdpa = sdpa_attention_forward
-        self._cross = {id(layer.encoder_attn) for layer in model.get_decoder().layers}
+        self._cross = set()
         self._local = threading.local()
+        self.projection_hits = self.attention_hits = 0
+        for layer in model.get_decoder().layers:
+            self._cross.add(id(layer.encoder_attn))
+            for projection in (layer.encoder_attn.k_proj, layer.encoder_attn.v_proj):
+                projection.forward = functools.partial(self._project, projection.forward)
         AttentionInterface.register(self.NAME, self._attend)
         model.set_attn_implementation(self.NAME)
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        self._local.entries = {}
+        self._local.entries, self._local.groups = {}, None
         try:
             yield
         finally:
-            self._local.entries = None
+            self._local.entries, self._local.groups = None, None
+
+    def _project(self, forward, states):
+        """A key or value projection of encoder states, once per run of identical rows."""
+        if getattr(self._local, "entries", None) is None or states.dim() != 3 or states.shape[0] == 1:
+            return forward(states)
+        known = self._local.groups
+        if known is None or known[0] is not states:
+            known = self._local.groups = (states, _identical_row_groups(states))
+        groups = known[1]
+        if groups == 1:
+            return forward(states)
+        self.projection_hits += 1
+        return forward(states[::groups]).repeat_interleave(groups, dim=0)
 
     def _attend(self, module, query, key, value, attention_mask, **kwargs):
         entries = getattr(self._local, "entries", None)
@@ -123,6 +104,7 @@ class SharedCrossAttention:
         _, groups, unique_key, unique_value = entry
         if groups == 1:
             return self._sdpa(module, query, key, value, attention_mask, **kwargs)
+        self.attention_hits += 1
         import torch
 
         rows, heads, q_len, dim = query.shape
@@ -137,15 +119,100 @@ class SharedCrossAttention:
     @staticmethod
     def _dedupe(key, value) -> tuple:
         """(rows per group, keys, values) with consecutive identical rows kept once, or (1, None, None)."""
-        rows = key.shape[0]
-        groups = 1
-        while groups < rows and key[groups].equal(key[0]) and value[groups].equal(value[0]):
-            groups += 1
-        if groups == 1 or rows % groups:
+        groups = _identical_row_groups(key)
+        if groups == 1 or _identical_row_groups(value) % groups:
             return 1, None, None
-        unique_key, unique_value = key[::groups].contiguous(), value[::groups].contiguous()
-        inputs = rows // groups
-        for full, unique in ((key, unique_key), (value, unique_value)):
-            if not full.view(inputs, groups, -1).equal(unique.view(inputs, 1, -1).expand(inputs, groups, -1)):
-                return 1, None, None
-        return groups, unique_key, unique_value
+        return groups, key[::groups].contiguous(), value[::groups].contiguous()
+
+
+def _identical_row_groups(tensor) -> int:
+    """How many consecutive rows (first axis) form each group of identical rows; 1 if they do not."""
+    rows = tensor.shape[0]
+    groups = 1
+    while groups < rows and tensor[groups].equal(tensor[0]):
+        groups += 1
+    if groups == 1 or rows % groups:
+        return 1
+    unique = tensor[::groups]
+    inputs = rows // groups
+    if not tensor.reshape(inputs, groups, -1).equal(unique.reshape(inputs, 1, -1).expand(inputs, groups, -1)):
+        return 1
+    return groups
+
+
+class NoSpeechFromPrefill:
+    """Reads the no-speech probability from the prompt pass that `generate` has already run.
+
+    transformers' `WhisperNoSpeechDetection` gets the probability of <|nospeech|> at the
+    start-of-transcript position by calling the whole model on the prompt again at the first
+    decoding step (`generation/logits_process.py`): a second decoder pass that fills a second
+    set of cross-attention caches. The prefill just before it fed the decoder the same prompt
+    over the same encoder output, and Whisper's forward returns logits for every prompt
+    position, so they are kept (per thread, inside `active()`) and handed to the detector in
+    place of that call. The detector checks nothing else; when the prompt it asks about is not
+    the one recorded, the real model is called as before.
+    """
+
+    def __init__(self, model: Any, *, enabled: bool = True):
+        self._model = model
+        self._local = threading.local()
+        self.hits = 0
+        if enabled:
+            model.register_forward_hook(self._record, with_kwargs=True)
+            model._retrieve_logit_processors = self._wrap(model._retrieve_logit_processors)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        self._local.active, self._local.prefill = True, None
+        try:
+            yield
+        finally:
+            self._local.active, self._local.prefill = False, None
+
+    def _record(self, module, args, kwargs, output) -> None:
+        ids = kwargs.get("decoder_input_ids")
+        if getattr(self._local, "active", False) and ids is not None and ids.shape[1] > 1:
+            self._local.prefill = (ids, output.logits)
+
+    def _wrap(self, retrieve):
+        from transformers.generation.logits_process import WhisperNoSpeechDetection
+
+        @functools.wraps(retrieve)
+        def retrieve_logit_processors(*args, **kwargs):
+            processors = retrieve(*args, **kwargs)
+            for processor in processors or ():
+                if isinstance(processor, WhisperNoSpeechDetection):
+                    processor.set_model(_PrefillLogitsModel(self._model, self._prefill_logits))
+            return processors
+
+        return retrieve_logit_processors
+
+    def _prefill_logits(self, decoder_input_ids) -> Optional[Any]:
+        """The recorded prompt logits, one row per input, if they are for these prompts."""
+        recorded = getattr(self._local, "prefill", None)
+        if recorded is None or decoder_input_ids is None:
+            return None
+        ids, logits = recorded
+        rows = decoder_input_ids.shape[0]
+        if ids.shape[1] != decoder_input_ids.shape[1] or ids.shape[0] % rows:
+            return None
+        per_input = ids.shape[0] // rows  # beams: rows of one input are consecutive
+        if not ids[::per_input].equal(decoder_input_ids.to(ids.device)):
+            return None
+        self.hits += 1
+        return logits[::per_input]
+
+
+class _PrefillLogitsModel:
+    """Stands in for the model inside `WhisperNoSpeechDetection` (see `NoSpeechFromPrefill`)."""
+
+    def __init__(self, model: Any, prefill_logits):
+        self._model = model
+        self._prefill_logits = prefill_logits
+
+    def __getattr__(self, name: str) -> Any:  # prepare_inputs_for_generation, forward, ...
+        return getattr(self._model, name)
+
+    def __call__(self, **inputs):
+        logits = self._prefill_logits(inputs.get("decoder_input_ids"))
+        return self._model(**inputs) if logits is None else SimpleNamespace(logits=logits)

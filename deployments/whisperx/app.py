@@ -37,6 +37,7 @@ from deployments.runtime import (
     package_versions,
     process_memory,
     resolve_device,
+    set_torch_threads,
     validate_audio,
 )
 
@@ -51,7 +52,7 @@ class WhisperXArgs(ModelAppArgs):
     model: str = Field("large-v3", description="Whisper size name (e.g. 'large-v3') or a CTranslate2 model directory.")
     compute_type: str = Field("default", description="CTranslate2 compute type; 'default' is float16 on cuda, float32 on cpu.")
     batch_size: int = Field(16, ge=1, description="VAD chunks decoded together in one batch.")
-    cpu_threads: int = Field(0, ge=0, description="CTranslate2 CPU threads; 0 lets it choose.")
+    cpu_threads: int = Field(0, ge=0, description="CPU threads of CTranslate2 (decoding) and of PyTorch (VAD, alignment), the latter set in every decoding thread (runtime.set_torch_threads); 0 lets each choose.")
     chunk_size: float = Field(30.0, gt=0, le=30, description="Longest VAD chunk handed to Whisper, in seconds.")
     vad_onset: float = Field(0.5, gt=0, lt=1, description="VAD speech-start threshold.")
     vad_offset: float = Field(0.363, gt=0, lt=1, description="VAD speech-end threshold.")
@@ -233,6 +234,7 @@ class WhisperXTranscriber:
             )
 
     def _transcribe(self, audio: np.ndarray, opts: TranscribeOptions) -> TranscriptionResult:
+        set_torch_threads(self._args.cpu_threads if self._device == "cpu" else 0)  # a worker thread
         warnings: list = []
         duration = audio.size / SAMPLE_RATE
         language, probability = self._language(audio, opts)
