@@ -25,6 +25,9 @@ TEST_MANIFEST = ROOT / "tests" / "data" / "manifest.jsonl"
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 sys.path.insert(0, str(ROOT))  # `tests.textnorm`: one normaliser for tests and bench
+# `make serve` runs Ray with token auth. Ray reads this when it is imported, so it is set here,
+# before any script imports ray (set later, in `attach`, it came too late for scripts that had).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def load_manifest(path: Path) -> List[dict]:
@@ -63,9 +66,8 @@ def run_direct(env: str, script: str, args: List[str], timeout_s: float = 3600) 
 def attach(address: str) -> None:
     """Connects this process to the `make serve` Ray cluster (GCS address), as a driver.
 
-    `make serve` runs Ray with token auth; callers end with `ray.shutdown()`.
+    Callers end with `ray.shutdown()`.
     """
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
