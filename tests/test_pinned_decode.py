@@ -8,8 +8,7 @@ app from the decoder's output), the model info lists them, and a warning says so
 
 Random weights seldom pick end-of-text, so they would not notice a pin that only capped the
 length. The last test therefore pins the real base model, whose decoding ends well before the
-pin, through the direct runners, which share the apps' pinning helpers
-(deployments/pinned_decode.py).
+pin, with the apps' own pinning helpers (deployments/pinned_decode.py).
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import concurrent.futures
 import json
 import os
 import subprocess
+import textwrap
 
 import pytest
 
@@ -103,28 +103,58 @@ def test_unpinned_app_reports_no_pin(base_url):
     assert not any("pinned" in w for w in body["warnings"])
 
 
-# With end-of-text allowed, the real base model ends these windows after 21 tokens (belle2 path,
-# zh_paddlespeech_zh, timestamps on) and 25 (whisperx path, en_jfk), measured with greedy decoding;
-# a pin far above that holds only if end-of-text is suppressed.
+# With end-of-text allowed, the real base model ends these windows after 21 tokens (transformers,
+# zh_paddlespeech_zh, timestamps on) and 25 (CTranslate2, en_jfk, as whisperx calls it), measured
+# with greedy decoding; a pin far above that holds only if end-of-text is suppressed.
 BASE_PIN = 48
-DIRECT_RUNS = {
-    "transformers": ("belle2", "bench/direct_transformers.py",
-                     ["--model", "models/whisper-base-hf", "--files", "tests/data/zh_paddlespeech_zh.flac", "--language", "zh"]),
-    "whisperx": ("whisperx", "bench/direct_whisperx.py",
-                 ["--engine", "whisperx", "--model", "models/faster-whisper-base", "--files", "tests/data/en_jfk.flac", "--language", "en"]),
-}
+_PINNED_TRANSFORMERS_BASE = textwrap.dedent(
+    """
+    import json, sys
+    from faster_whisper.audio import decode_audio
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+    from deployments.pinned_decode import transformers_generate_kwargs, transformers_window_tokens
+
+    processor = WhisperProcessor.from_pretrained("models/whisper-base-hf", local_files_only=True)
+    model = WhisperForConditionalGeneration.from_pretrained("models/whisper-base-hf", local_files_only=True).eval()
+    audio = decode_audio("tests/data/zh_paddlespeech_zh.flac", sampling_rate=16000)
+    features = processor.feature_extractor([audio], sampling_rate=16000, return_tensors="pt").input_features
+    out = model.generate(features, language="zh", task="transcribe", num_beams=1, do_sample=False,
+                         return_timestamps=True, return_segments=True,
+                         **transformers_generate_kwargs(int(sys.argv[1])))
+    print(json.dumps(transformers_window_tokens(out["sequences"].tolist(), processor.tokenizer)))
+    """
+)
+# whisperx's batched decoding calls CTranslate2 with max_length=448 and suppress_tokens=[-1].
+_PINNED_CT2_BASE = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from faster_whisper import WhisperModel, decode_audio
+    from faster_whisper.tokenizer import Tokenizer
+    from deployments.pinned_decode import PinnedLengthWhisper, counting_window_tokens
+
+    model = WhisperModel("models/faster-whisper-base", device="cpu", compute_type="float32", cpu_threads=1,
+                         local_files_only=True)
+    model.model = PinnedLengthWhisper(model.model, int(sys.argv[1]),
+                                      end_of_text=model.hf_tokenizer.token_to_id("<|endoftext|>"))
+    features = model.feature_extractor(decode_audio("tests/data/en_jfk.flac", sampling_rate=16000))
+    features = np.pad(features, ((0, 0), (0, 3000 - features.shape[1])))[None]
+    tokenizer = Tokenizer(model.hf_tokenizer, True, task="transcribe", language="en")
+    prompt = model.get_prompt(tokenizer, [], without_timestamps=True)
+    with counting_window_tokens() as counts:
+        model.model.generate(model.encode(features), [prompt], beam_size=1, max_length=448, suppress_tokens=[-1])
+    print(json.dumps(counts))
+    """
+)
 
 
 def test_pin_outlasts_a_real_models_end_of_text():
-    def run(engine: str) -> dict:
-        env, script, args = DIRECT_RUNS[engine]
-        pin = ["--repeat", "1", "--beam-size", "1", "--threads", "1", "--pinned-decode-tokens", str(BASE_PIN)]
-        out = _run(env, [script, *args, *pin])
-        (line,) = [json.loads(x) for x in out.splitlines() if x.startswith('{"file"')]
-        return line
+    runs = {"transformers": ("belle2", _PINNED_TRANSFORMERS_BASE), "ctranslate2": ("whisperx", _PINNED_CT2_BASE)}
 
-    with concurrent.futures.ThreadPoolExecutor(len(DIRECT_RUNS)) as pool:  # one core each
-        lines = dict(zip(DIRECT_RUNS, pool.map(run, DIRECT_RUNS)))
-    for engine, line in lines.items():
-        print(engine, line["window_tokens"], line["text"][:200])
-    assert {engine: line["window_tokens"] for engine, line in lines.items()} == {e: [BASE_PIN] for e in DIRECT_RUNS}
+    def run(engine: str) -> list:
+        env, script = runs[engine]
+        return json.loads(_run(env, ["-c", script, str(BASE_PIN)]).splitlines()[-1])
+
+    with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
+        counts = dict(zip(runs, pool.map(run, runs)))
+    assert counts == {engine: [BASE_PIN] for engine in runs}
