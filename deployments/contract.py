@@ -145,6 +145,8 @@ class ModelInfo(TypedDict, total=False):
     compute_type: str
     load_time_s: float
     gpu_memory_bytes: int
+    pinned_decode_tokens: int  # benchmark mode only (deployments/pinned_decode.py)
+    window_tokens: list  # list[int]: tokens each window of this request decoded, in that mode
 
 
 class TranscriptionResult(TypedDict):

@@ -15,6 +15,7 @@ import ray
 from pydantic import BaseModel, Field, field_validator
 
 from deployments.contract import SAMPLE_RATE, InvalidAudioError, ModelUnavailableError
+from deployments.pinned_decode import MAX_PINNED_DECODE_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +178,14 @@ class ModelAppArgs(BaseModel):
     local_files_only: bool = Field(False, description="Never reach the hub; load from the cache or a local directory only.")
     gpu_memory_fraction: Optional[float] = Field(None, gt=0, le=1, description="Share of the GPU this replica may use; default: its Ray num_gpus.")
     max_audio_seconds: float = Field(4 * 3600, gt=0, description="Longest audio accepted.")
+    pinned_decode_tokens: Optional[int] = Field(
+        None,
+        ge=1,
+        le=MAX_PINNED_DECODE_TOKENS,
+        description="Benchmark only, for random weights (bench/random_whisper.py): every window decodes exactly this "
+        "many tokens, once, at one temperature, none skipped as silence; results say so in `warnings` "
+        "(deployments/pinned_decode.py). None decodes normally.",
+    )
 
     @field_validator("device")
     @classmethod

@@ -38,6 +38,7 @@ from deployments.contract import (
     TranscribeOptions,
     TranscriptionResult,
 )
+from deployments.pinned_decode import report_pinned, transformers_generate_kwargs, transformers_window_tokens
 from deployments.runtime import (
     ModelAppArgs,
     cap_torch_gpu_memory,
@@ -213,14 +214,17 @@ class Belle2Transcriber:
     def _transcribe(self, audio: np.ndarray, opts: TranscribeOptions) -> TranscriptionResult:
         set_torch_threads(self._cpu_threads)  # this runs in a worker thread
         warnings: List[str] = []
+        window_tokens: List[int] = []
         speech = self._speech(audio)
         windows = self._windows(speech, audio.size)
         segments: List[Segment] = []
-        for _ in range(1 + MAX_FOLLOW_UPS):
+        pinned = self._args.pinned_decode_tokens
+        # A pinned window ends wherever random timestamps put it: no follow-up pass (or its work) then.
+        for _ in range(1 if pinned else 1 + MAX_FOLLOW_UPS):
             left_over: List[Window] = []
             for first in range(0, len(windows), self._args.batch_size):
                 batch = windows[first : first + self._args.batch_size]
-                decoded = self._decode([audio[w.start : w.end] for w in batch], opts)
+                decoded = self._decode([audio[w.start : w.end] for w in batch], opts, window_tokens)
                 for window, window_segments in zip(batch, decoded):
                     placed = self._place(window, window_segments, audio.size)
                     segments.extend(placed)
@@ -233,13 +237,16 @@ class Belle2Transcriber:
             windows = left_over
         segments.sort(key=lambda s: s["start"])
         segments = self._clean(segments, opts, warnings)
+        model_info = self._model_info()
+        if pinned:
+            report_pinned(model_info, warnings, pinned, window_tokens)
         return TranscriptionResult(
             segments=segments,
             language="zh",
             language_probability=None,
             duration=audio.size / SAMPLE_RATE,
             warnings=warnings,
-            model=self._model_info(),
+            model=model_info,
         )
 
     def _speech(self, audio: np.ndarray) -> List[dict]:
@@ -255,8 +262,12 @@ class Belle2Transcriber:
             pad_samples=self._args.window_pad_ms * SAMPLE_RATE // 1000,
         )
 
-    def _decode(self, chunks: List[np.ndarray], opts: TranscribeOptions) -> List[list]:
-        """Decodes up to `batch_size` windows at once; returns each window's raw segments."""
+    def _decode(self, chunks: List[np.ndarray], opts: TranscribeOptions, window_tokens: Optional[List[int]] = None) -> List[list]:
+        """Decodes up to `batch_size` windows at once; returns each window's raw segments.
+
+        With `pinned_decode_tokens`, each window decodes exactly that many tokens, and the
+        count each produced is appended to `window_tokens` (if given).
+        """
         torch = self._torch
         features = self._processor.feature_extractor(
             chunks, sampling_rate=SAMPLE_RATE, return_tensors="pt"
@@ -265,6 +276,14 @@ class Belle2Transcriber:
         if opts.initial_prompt:
             prompt_ids = self._processor.get_prompt_ids(opts.initial_prompt, return_tensors="pt").to(self._device)
         temperature = opts.temperature if len(opts.temperature) > 1 else opts.temperature[0]
+        settings = dict(
+            temperature=temperature,
+            compression_ratio_threshold=self._args.compression_ratio_threshold,
+            logprob_threshold=self._args.logprob_threshold,
+            no_speech_threshold=self._args.no_speech_threshold,
+        )
+        if self._args.pinned_decode_tokens:
+            settings.update(transformers_generate_kwargs(self._args.pinned_decode_tokens))
         shared_cross = self._shared_cross.active() if self._shared_cross else contextlib.nullcontext()
         with torch.inference_mode(), self._no_speech.active(), shared_cross:
             out = self._model.generate(
@@ -273,15 +292,14 @@ class Belle2Transcriber:
                 task=opts.task,
                 num_beams=opts.beam_size,
                 do_sample=False,
-                temperature=temperature,
-                compression_ratio_threshold=self._args.compression_ratio_threshold,
-                logprob_threshold=self._args.logprob_threshold,
-                no_speech_threshold=self._args.no_speech_threshold,
+                **settings,
                 condition_on_prev_tokens=self._args.condition_on_previous_text,
                 prompt_ids=prompt_ids,
                 return_timestamps=True,
                 return_segments=True,
             )
+        if self._args.pinned_decode_tokens and window_tokens is not None:
+            window_tokens.extend(transformers_window_tokens(out["sequences"].tolist(), self._processor.tokenizer))
         return out["segments"]
 
     def _remaining(self, window: Window, placed: List[Segment], speech: List[dict]) -> Optional[Window]:

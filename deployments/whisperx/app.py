@@ -29,6 +29,7 @@ from deployments.contract import (
     TranscribeOptions,
     TranscriptionResult,
 )
+from deployments.pinned_decode import PinnedLengthWhisper, counting_window_tokens, report_pinned
 from deployments.runtime import (
     ModelAppArgs,
     cap_torch_gpu_memory,
@@ -134,6 +135,10 @@ class WhisperXTranscriber:
             download_root=self._args.model_cache,
             local_files_only=self._args.local_files_only,
         )
+        if self._args.pinned_decode_tokens:
+            model.model = PinnedLengthWhisper(
+                model.model, self._args.pinned_decode_tokens, end_of_text=model.hf_tokenizer.token_to_id("<|endoftext|>")
+            )
         # The pyannote segmentation model ships inside the whisperx wheel, so VAD works
         # offline; whisperx's silero option fetches through torch.hub and does not.
         vad = Pyannote(
@@ -236,13 +241,14 @@ class WhisperXTranscriber:
     def _transcribe(self, audio: np.ndarray, opts: TranscribeOptions) -> TranscriptionResult:
         set_torch_threads(self._args.cpu_threads if self._device == "cpu" else 0)  # a worker thread
         warnings: list = []
+        window_tokens: List[int] = []
         duration = audio.size / SAMPLE_RATE
         language, probability = self._language(audio, opts)
         align = opts.word_timestamps
         segments: List[Segment] = []
         for start, end in audio_windows(audio, self._args.window_s, self._args.window_cut_search_s):
             piece = audio[start:end]  # a view: windows bound what VAD, ASR and alignment hold at once
-            raw_segments = self._asr(piece, opts, language)
+            raw_segments = self._asr(piece, opts, language, window_tokens)
             window_segments = [_segment(s) for s in raw_segments]
             if align and window_segments:
                 aligned = self._align(raw_segments, piece, language, warnings)
@@ -253,13 +259,16 @@ class WhisperXTranscriber:
             release_freed_memory()
         if opts.diarize and segments:
             segments = self._diarize(segments, audio, opts)
+        model_info = self._model_info()
+        if self._args.pinned_decode_tokens:
+            report_pinned(model_info, warnings, self._args.pinned_decode_tokens, window_tokens)
         return TranscriptionResult(
             segments=segments,
             language=language,
             language_probability=probability,
             duration=duration,
             warnings=warnings,
-            model=self._model_info(),
+            model=model_info,
         )
 
     def _language(self, audio: np.ndarray, opts: TranscribeOptions) -> tuple:
@@ -270,7 +279,9 @@ class WhisperXTranscriber:
         language, probability, _ = self._model.detect_language(audio)
         return language, float(probability)
 
-    def _asr(self, audio: np.ndarray, opts: TranscribeOptions, language: str) -> list:
+    def _asr(self, audio: np.ndarray, opts: TranscribeOptions, language: str, window_tokens: Optional[List[int]] = None) -> list:
+        """Runs whisperx's batched ASR on one window; with `pinned_decode_tokens`, appends the tokens
+        each VAD chunk decoded to `window_tokens`."""
         from faster_whisper.tokenizer import Tokenizer
         from whisperx.asr import FasterWhisperPipeline
 
@@ -290,13 +301,14 @@ class WhisperXTranscriber:
             language=language,
             device=self._device,
         )
-        result = pipeline.transcribe(
-            audio,
-            batch_size=self._args.batch_size,
-            language=language,
-            task=opts.task,
-            chunk_size=self._args.chunk_size,
-        )
+        with counting_window_tokens(window_tokens):
+            result = pipeline.transcribe(
+                audio,
+                batch_size=self._args.batch_size,
+                language=language,
+                task=opts.task,
+                chunk_size=self._args.chunk_size,
+            )
         return [s for s in result["segments"] if s["text"].strip()]
 
     def _load_align_model(self, language: str) -> tuple:
