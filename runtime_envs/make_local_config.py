@@ -91,6 +91,7 @@ def local_config(
             "working_dir": f"local://{root}",
             "env_vars": {
                 **overlay.get("env_vars", {}),
+                **local.get("env_vars", {}),
                 "KLIPNOTE_CODE_HASH": code_hash(root, local.get("code", [])),
             },
         }

@@ -291,7 +291,7 @@ def test_decoding_shortcuts_apply_and_change_no_output(serve_cluster, belle2, re
         for name in SHORTCUT_CLIPS:
             assert transcribe(plain, DATA / name)["segments"] == results(name)["segments"], name
         assert plain.decoding_shortcut_hits.remote().result() == dict.fromkeys(
-            ["no_speech_from_prefill", "cross_projection_shared", "cross_attention_shared"], 0
+            ["no_speech_from_prefill", "suppression_mask_cached", "cross_projection_shared", "cross_attention_shared"], 0
         )
     finally:
         serve_cluster.deploy()

@@ -85,6 +85,13 @@ def test_local_config_uses_one_venv_per_app_and_small_models(local):
     assert local["http_options"]["port"] == 18000
 
 
+def test_local_belle2_gets_the_production_malloc_settings(production, local):
+    env_vars = {name: _apps(config)["belle2"]["runtime_env"]["env_vars"] for name, config in [("production", production), ("local", local)]}
+    malloc = {name: {k: v for k, v in env.items() if k.startswith("MALLOC_")} for name, env in env_vars.items()}
+    assert malloc["production"] and malloc["local"] == malloc["production"]
+    assert local["applications"] and "HF_HUB_OFFLINE" in env_vars["local"]  # shared ones kept too
+
+
 def test_local_overlay_rejects_an_unknown_app(production, overlay):
     bad = copy.deepcopy(overlay)
     bad["applications"]["belle3"] = {"env": "belle2"}

@@ -25,6 +25,7 @@ from ray.serve import Application
 from deployments.belle2.decoding import (
     NoSpeechFromPrefill,
     SharedCrossAttention,
+    SuppressionMaskCache,
     reorder_self_attention_only,
 )
 from deployments.belle2.text import ScriptConverter, collapse_repetitions
@@ -103,6 +104,7 @@ class Belle2Transcriber:
         set_torch_threads(self._cpu_threads)
         self._processor, self._model = self._load_model()
         self._no_speech = NoSpeechFromPrefill(self._model, enabled=self._args.decoding_shortcuts)
+        self._suppression = SuppressionMaskCache(self._model, enabled=self._args.decoding_shortcuts)
         self._shared_cross = None
         if self._args.decoding_shortcuts:
             self._model._reorder_cache = reorder_self_attention_only
@@ -201,6 +203,7 @@ class Belle2Transcriber:
         shared = self._shared_cross
         return {
             "no_speech_from_prefill": self._no_speech.hits,
+            "suppression_mask_cached": self._suppression.hits,
             "cross_projection_shared": shared.projection_hits if shared else 0,
             "cross_attention_shared": shared.attention_hits if shared else 0,
         }
