@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sys
 import time
@@ -77,6 +78,7 @@ class Belle2Args(ModelAppArgs):
     window_pad_ms: int = Field(200, ge=0, description="Context added around each window where there is room.")
     decoding_shortcuts: bool = Field(True, description="Read no-speech from the prompt pass, project and attend to the beams' shared encoder states once, leave identical cross-attention caches unreordered (deployments/belle2/decoding.py); the same tokens, off only to measure what they save.")
     cpu_threads: int = Field(0, ge=0, description="PyTorch intra-op threads on CPU, set in every decoding thread (runtime.set_torch_threads); 0 keeps PyTorch's default (OMP_NUM_THREADS or the core count).")
+    decoder_cpu_threads: int = Field(0, ge=0, description="Threads for the decoding steps on CPU, when fewer than `cpu_threads` serve better: each step is hundreds of small operations, and on the 2-vCPU test machine 2 threads made them slower than 1 (the encoder's large matrices keep `cpu_threads`). 0: as `cpu_threads`.")
 
 
 @serve.deployment(
@@ -101,8 +103,11 @@ class Belle2Transcriber:
             cap_torch_gpu_memory(self._args.gpu_memory_fraction)
         self._dtype = torch.float16 if self._device == "cuda" else torch.float32
         self._cpu_threads = self._args.cpu_threads if self._device == "cpu" else 0
+        self._decoder_threads = (self._args.decoder_cpu_threads or self._cpu_threads) if self._device == "cpu" else 0
         set_torch_threads(self._cpu_threads)
         self._processor, self._model = self._load_model()
+        if self._decoder_threads != self._cpu_threads:
+            self._encode_on_all_threads()
         self._no_speech = NoSpeechFromPrefill(self._model, enabled=self._args.decoding_shortcuts)
         self._suppression = SuppressionMaskCache(self._model, enabled=self._args.decoding_shortcuts)
         self._shared_cross = None
@@ -147,6 +152,21 @@ class Belle2Transcriber:
                 f"BELLE-2 app could not load model {args.model!r} ({where}): {type(e).__name__}: {e}"
             ) from e
         return processor, model.eval()
+
+    def _encode_on_all_threads(self) -> None:
+        """Runs the encoder on `cpu_threads` while decoding steps keep `decoder_cpu_threads`."""
+        encoder = self._model.get_encoder()
+        forward = encoder.forward
+
+        @functools.wraps(forward)
+        def forward_on_all_threads(*args, **kwargs):
+            set_torch_threads(self._cpu_threads)
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                set_torch_threads(self._decoder_threads)
+
+        encoder.forward = forward_on_all_threads
 
     def _warmup(self) -> None:
         started = time.perf_counter()
@@ -215,7 +235,7 @@ class Belle2Transcriber:
     # -- stages ------------------------------------------------------------------------------
 
     def _transcribe(self, audio: np.ndarray, opts: TranscribeOptions) -> TranscriptionResult:
-        set_torch_threads(self._cpu_threads)  # this runs in a worker thread
+        set_torch_threads(self._decoder_threads)  # this runs in a worker thread
         warnings: List[str] = []
         window_tokens: List[int] = []
         speech = self._speech(audio)
