@@ -61,6 +61,7 @@ WINDOW_SECONDS = 30
 # again from where it stopped, when there is at least this much of it, at most this many times.
 FOLLOW_UP_MIN_SPEECH_S = 0.5
 MAX_FOLLOW_UPS = 2
+WARMUP_TOKENS = 8
 
 
 class Belle2Args(ModelAppArgs):
@@ -171,7 +172,13 @@ class Belle2Transcriber:
     def _warmup(self) -> None:
         started = time.perf_counter()
         try:
-            self._decode([np.zeros(SAMPLE_RATE, dtype=np.float32)], TranscribeOptions(beam_size=1, temperature=(0.0,)))
+            # A few tokens are enough to initialise everything; silence decoded in full ran to the
+            # length limit (13 s of replica start-up on CPU).
+            self._decode(
+                [np.zeros(SAMPLE_RATE, dtype=np.float32)],
+                TranscribeOptions(beam_size=1, temperature=(0.0,)),
+                max_new_tokens=WARMUP_TOKENS,
+            )
             logger.info("Warm-up took %.2f s.", time.perf_counter() - started)
         except Exception:  # a failed warm-up costs latency on the first request, nothing else
             logger.exception("Warm-up failed.")
@@ -285,7 +292,13 @@ class Belle2Transcriber:
             pad_samples=self._args.window_pad_ms * SAMPLE_RATE // 1000,
         )
 
-    def _decode(self, chunks: List[np.ndarray], opts: TranscribeOptions, window_tokens: Optional[List[int]] = None) -> List[list]:
+    def _decode(
+        self,
+        chunks: List[np.ndarray],
+        opts: TranscribeOptions,
+        window_tokens: Optional[List[int]] = None,
+        max_new_tokens: Optional[int] = None,
+    ) -> List[list]:
         """Decodes up to `batch_size` windows at once; returns each window's raw segments.
 
         With `pinned_decode_tokens`, each window decodes exactly that many tokens, and the
@@ -307,6 +320,8 @@ class Belle2Transcriber:
         )
         if self._args.pinned_decode_tokens:
             settings.update(transformers_generate_kwargs(self._args.pinned_decode_tokens))
+        elif max_new_tokens:
+            settings["max_new_tokens"] = max_new_tokens
         shared_cross = self._shared_cross.active() if self._shared_cross else contextlib.nullcontext()
         with torch.inference_mode(), self._no_speech.active(), shared_cross:
             out = self._model.generate(
