@@ -48,7 +48,6 @@ import concurrent.futures
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -60,6 +59,8 @@ import httpx
 import yaml
 
 from common import ROOT, VENVS, md_table, percentile, record, run_direct
+
+from runtime_envs.local_cluster import LocalServeCluster
 
 DATA = ROOT / "tests" / "data"
 # clip -> the language each request names (so no language ID runs; random weights ignore it)
@@ -159,59 +160,14 @@ def scenario_config(
 # -- the cluster -----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class OwnCluster:
-    """A Ray cluster started by this process, with Serve configs deployed through the dashboard."""
-
-    def __init__(self):
-        self.http_port, self.dashboard_port = _free_port(), _free_port()
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        self.client = None
-
-    def __enter__(self) -> "OwnCluster":
-        import ray
-        from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
-
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=self.dashboard_port, logging_level="WARNING", configure_logging=False,
-                 log_to_driver=False)
-        self.client = ServeSubmissionClient(f"http://127.0.0.1:{self.dashboard_port}")
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                self.client.get_serve_details()
-                return self
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
-
-    def deploy(self, config: dict, timeout_s: float = 1200) -> None:
-        """Deploys `config` (replacing the app set) and waits until its apps run and the rest are gone."""
-        from serve_app.ready import wait_for_apps
-
-        names = [a["name"] for a in config["applications"]]
-        self.client.deploy_applications(config)
-        wait_for_apps(self.client.get_serve_details, names, timeout_s=timeout_s)
-        deadline = time.monotonic() + 300
-        while set(self.client.get_serve_details().get("applications", {})) - set(names):
-            if time.monotonic() > deadline:
-                raise TimeoutError("removed applications still present after 300 s")
-            time.sleep(1)
-
-    def __exit__(self, *exc) -> None:
-        import ray
-        from ray import serve
-
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+def deploy_scenario(cluster: LocalServeCluster, config: dict, timeout_s: float = 1200) -> None:
+    """Deploys `config` (replacing the app set) and waits until its apps run and the rest are gone."""
+    names = [a["name"] for a in config["applications"]]
+    removed = set(cluster.details().get("applications", {})) - set(names)
+    cluster.deploy_applications(config)
+    cluster.wait(names, timeout_s=timeout_s)
+    for name in removed:
+        cluster.wait_gone(name, timeout_s=300)
 
 
 # -- requests ------------------------------------------------------------------------------------
@@ -402,12 +358,12 @@ def shared_vs_alone(seq_rows: List[dict], load_rows: List[dict]) -> List[dict]:
     return rows
 
 
-def run_scenario(cluster: OwnCluster, scenario: str, config: dict, audio: Dict[str, bytes], direct: Dict[str, dict],
+def run_scenario(cluster: LocalServeCluster, scenario: str, config: dict, audio: Dict[str, bytes], direct: Dict[str, dict],
                  args) -> Dict[str, List[dict]]:
     """Deploys one scenario and measures it: one request at a time, concurrent clients, memory."""
     shares = SCENARIOS[scenario]
     started = time.perf_counter()
-    cluster.deploy(config)
+    deploy_scenario(cluster, config)
     print(f"{scenario}: deployed in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     with concurrent.futures.ThreadPoolExecutor(len(shares)) as pool:  # shared: both models at once
         seq = dict(zip(shares, pool.map(lambda m: sequential(cluster.url, m, audio, args.repeat, args.decode_tokens), shares)))
@@ -487,7 +443,7 @@ def main(argv=None) -> int:
     models = {m: built[m] for m in MODELS}
     audio = {c: (DATA / c).read_bytes() for c in args.clips}
 
-    cluster = OwnCluster()
+    cluster = LocalServeCluster(log_to_driver=False)
     local, production = base_config(cluster.http_port)
     configs = {name: scenario_config(local, production, shares, models=models, device=args.device,
                                      decode_tokens=args.decode_tokens)

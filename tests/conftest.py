@@ -10,23 +10,18 @@ from __future__ import annotations
 
 import copy
 import json
-import socket
-import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 import pytest
 import yaml
 
+from runtime_envs.local_cluster import LocalServeCluster
+from runtime_envs.make_local_config import local_config
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 APP_NAMES = ("transcription", "belle2", "whisperx")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load_manifest() -> Dict[str, dict]:
@@ -45,16 +40,14 @@ def manifest() -> Dict[str, dict]:
     return load_manifest()
 
 
-class ServeCluster:
-    """A Ray cluster with KlipNote's applications, owned by the test session."""
+class ServeCluster(LocalServeCluster):
+    """A Ray cluster with KlipNote's applications (the generated local config), owned by the test session."""
 
-    def __init__(self, config: dict, dashboard_url: str, http_url: str):
-        from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
-
-        self.config = config
-        self.dashboard_url = dashboard_url
-        self.url = http_url
-        self.client = ServeSubmissionClient(dashboard_url)
+    def __init__(self):
+        super().__init__()
+        production = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+        overlay = yaml.safe_load((ROOT / "runtime_envs" / "local.yaml").read_text())
+        self.config = local_config(production, overlay, http_port=self.http_port)
 
     def app_config(self, name: str) -> dict:
         return copy.deepcopy(next(a for a in self.config["applications"] if a["name"] == name))
@@ -67,66 +60,18 @@ class ServeCluster:
         config = copy.deepcopy(self.config)
         config["applications"] = [a for a in config["applications"] if a["name"] not in set(without)]
         config["applications"] += extra or []
-        self.client.deploy_applications(config)
-
-    def details(self) -> dict:
-        return self.client.get_serve_details()
+        self.deploy_applications(config)
 
     def wait(self, names: Iterable[str] = APP_NAMES, timeout_s: float = 600) -> None:
-        from serve_app.ready import wait_for_apps
-
-        wait_for_apps(self.details, list(names), timeout_s=timeout_s)
-
-    def wait_gone(self, name: str, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while name in self.details().get("applications", {}):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"application {name} still present after {timeout_s} s")
-            time.sleep(1)
+        super().wait(names, timeout_s=timeout_s)
 
 
 @pytest.fixture(scope="session")
 def serve_cluster():
-    import ray
-    from ray import serve
-
-    from runtime_envs.make_local_config import local_config
-
-    http_port, dashboard_port = _free_port(), _free_port()
-    production = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    overlay = yaml.safe_load((ROOT / "runtime_envs" / "local.yaml").read_text())
-    config = local_config(production, overlay, http_port=http_port)
-    ray.init(
-        address="local",
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=dashboard_port,
-        logging_level="WARNING",
-        configure_logging=False,
-    )
-    cluster = ServeCluster(config, f"http://127.0.0.1:{dashboard_port}", f"http://127.0.0.1:{http_port}")
-    try:
-        _wait_for_dashboard(cluster)
+    with ServeCluster() as cluster:
         cluster.deploy()
         cluster.wait()
         yield cluster
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-
-
-def _wait_for_dashboard(cluster: ServeCluster, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            cluster.details()
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
 
 
 @pytest.fixture(scope="session")
