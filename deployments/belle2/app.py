@@ -77,7 +77,7 @@ class Belle2Args(ModelAppArgs):
     vad_threshold: float = Field(0.35, gt=0, lt=1, description="Silero speech probability threshold; below faster-whisper's 0.5, which missed 22 s of a softly read poem (the decoder's no-speech check judges the rest).")
     vad_min_silence_ms: int = Field(500, ge=0, description="Silence that ends a speech span.")
     window_pad_ms: int = Field(200, ge=0, description="Context added around each window where there is room.")
-    decoding_shortcuts: bool = Field(True, description="Read no-speech from the prompt pass, project and attend to the beams' shared encoder states once, leave identical cross-attention caches unreordered (deployments/belle2/decoding.py); the same tokens, off only to measure what they save.")
+    decoding_shortcuts: bool = Field(True, description="Read no-speech from the prompt pass, build suppression masks once per call, project and attend to the beams' shared encoder states once, leave identical cross-attention caches unreordered (deployments/belle2/decoding.py); the same tokens, off only to measure what they save.")
     cpu_threads: int = Field(0, ge=0, description="PyTorch intra-op threads on CPU, set in every decoding thread (runtime.set_torch_threads); 0 keeps PyTorch's default (OMP_NUM_THREADS or the core count).")
     decoder_cpu_threads: int = Field(0, ge=0, description="Threads for the decoding steps on CPU, when fewer than `cpu_threads` serve better: each step is hundreds of small operations, and on the 2-vCPU test machine 2 threads made them slower than 1 (the encoder's large matrices keep `cpu_threads`). 0: as `cpu_threads`.")
 
