@@ -26,7 +26,8 @@ def reorder_self_attention_only(cache: Any, beam_idx: Any) -> Any:
     the cache's own `reorder_cache`). Beam search only ever picks among the beams of one input,
     and those beams share one encoder output, so their cross-attention keys and values are
     identical rows: reordering them (an `index_select` of beams x 1500 frames per layer per step)
-    copies data onto equal data.
+    copies data onto equal data. With `SharedCrossAttention` the cross-attention cache holds one
+    row per input, which a reorder by beam would not fit.
     """
     self_attention = getattr(cache, "self_attention_cache", None)
     if self_attention is None:
@@ -37,92 +38,98 @@ def reorder_self_attention_only(cache: Any, beam_idx: Any) -> Any:
 
 
 class SharedCrossAttention:
-    """Cross-attention that projects and reads each input's encoder states once for all its beams.
+    """Cross-attention that projects, caches and reads each input's encoder states once for all its beams.
 
-    During beam search transformers copies the encoder output once per beam, so the five beams
-    of one window carry five identical copies of it. Two costs follow, both removed here:
-    - the prompt pass projects every copy to cross-attention keys and values (on CPU, with the
-      no-speech pass gone, the largest single cost of a short clip after the encoder); the
-      projection now runs on one copy per input and its result is repeated for the beams;
-    - every decoding step reads all copies of those keys and values (memory-bound on CPU: about
-      a quarter of decoding time on a 70 s clip); rows of the cache that are *verified*
-      identical (once per cache tensor) are attended to once, with their beams' queries stacked
-      along the query axis.
-    Each query still attends to the same keys and values, so the attention is the same up to
-    float rounding; anything else (self-attention, masks, rows that differ) goes to
-    transformers' own code unchanged.
+    During beam search transformers copies the encoder output once per beam, so the five beams of
+    one window carry five identical copies of it, and its cross-attention projects every copy to
+    keys and values at the prompt pass (on CPU, with the no-speech pass gone, the largest single
+    cost of a short clip after the encoder), caches all copies, and reads all of them at every
+    step (memory-bound on CPU: about a quarter of decoding time on a 70 s clip).
 
-    Registered as an attention implementation of its own (`NAME`) and used only inside
-    `active()`; entries are per thread and dropped when the block exits.
+    Here each decoder layer's cross-attention runs, inside `active()`, with one row per input:
+    once per encoder output, the rows that are *verified* identical (consecutive, as the beams of
+    one input are) are counted; the prompt pass projects one row per input and caches those keys
+    and values (inputs x heads x frames x dim, not one per beam); every step attends each input's
+    beams' queries, stacked along the query axis, to that input's keys and values. Each query
+    still attends to the same keys and values, so the attention is the same up to float rounding.
+    Anything else (self-attention, an attention mask, attention weights asked for, rows that
+    differ) runs transformers' own forward. The cross-attention cache then has fewer rows than the
+    beams, so it must not be reordered by beam: `reorder_self_attention_only` leaves it alone (a
+    reorder would fail on the row count, not pass silently). Thread-local state, dropped when the
+    block exits.
     """
 
-    NAME = "belle2_shared_cross_sdpa"
-
     def __init__(self, model: Any):
-        from transformers import AttentionInterface
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        self._sdpa = sdpa_attention_forward
-        self._cross = set()
         self._local = threading.local()
         self.projection_hits = self.attention_hits = 0
         for layer in model.get_decoder().layers:
-            self._cross.add(id(layer.encoder_attn))
-            for projection in (layer.encoder_attn.k_proj, layer.encoder_attn.v_proj):
-                projection.forward = functools.partial(self._project, projection.forward)
-        AttentionInterface.register(self.NAME, self._attend)
-        model.set_attn_implementation(self.NAME)
+            attention = layer.encoder_attn
+            attention.forward = functools.partial(self._forward, attention, attention.forward)
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        self._local.entries, self._local.groups = {}, None
+        self._local.groups = (None, 1)
         try:
             yield
         finally:
-            self._local.entries, self._local.groups = None, None
+            self._local.groups = None
 
-    def _project(self, forward, states):
-        """A key or value projection of encoder states, once per run of identical rows."""
-        if getattr(self._local, "entries", None) is None or states.dim() != 3 or states.shape[0] == 1:
-            return forward(states)
-        known = self._local.groups
-        if known is None or known[0] is not states:
-            known = self._local.groups = (states, _identical_row_groups(states))
-        groups = known[1]
-        if groups == 1:
-            return forward(states)
-        self.projection_hits += 1
-        return forward(states[::groups]).repeat_interleave(groups, dim=0)
+    def _forward(self, module, transformers_forward, hidden_states, key_value_states=None, past_key_values=None,
+                 attention_mask=None, output_attentions=False, **kwargs):
+        from transformers.cache_utils import EncoderDecoderCache
 
-    def _attend(self, module, query, key, value, attention_mask, **kwargs):
-        entries = getattr(self._local, "entries", None)
-        if entries is None or attention_mask is not None or id(module) not in self._cross:
-            return self._sdpa(module, query, key, value, attention_mask, **kwargs)
-        entry = entries.get(id(key))
-        if entry is None or entry[0] is not key:
-            entry = entries[id(key)] = (key, *self._dedupe(key, value))
-        _, groups, unique_key, unique_value = entry
-        if groups == 1:
-            return self._sdpa(module, query, key, value, attention_mask, **kwargs)
+        if (
+            getattr(self._local, "groups", None) is None
+            or key_value_states is None
+            or attention_mask is not None
+            or output_attentions
+            or not isinstance(past_key_values, EncoderDecoderCache)
+        ):
+            return transformers_forward(
+                hidden_states, key_value_states=key_value_states, past_key_values=past_key_values,
+                attention_mask=attention_mask, output_attentions=output_attentions, **kwargs,
+            )
+        layer = module.layer_idx
+        cross = past_key_values.cross_attention_cache
+        if past_key_values.is_updated.get(layer):
+            keys, values = cross.layers[layer].keys, cross.layers[layer].values
+        else:
+            groups = self._row_groups(key_value_states)
+            if groups == 1:
+                return transformers_forward(
+                    hidden_states, key_value_states=key_value_states, past_key_values=past_key_values, **kwargs
+                )
+            self.projection_hits += 1
+            unique = key_value_states[::groups]
+            shape = (unique.shape[0], -1, module.num_heads, module.head_dim)
+            keys = module.k_proj(unique).view(shape).transpose(1, 2).contiguous()
+            values = module.v_proj(unique).view(shape).transpose(1, 2).contiguous()
+            keys, values = cross.update(keys, values, layer)
+            past_key_values.is_updated[layer] = True
+        rows, q_len = hidden_states.shape[:2]
+        inputs = keys.shape[0]
+        if inputs == rows:  # cached by transformers' own forward: one row per beam
+            return transformers_forward(
+                hidden_states, key_value_states=key_value_states, past_key_values=past_key_values, **kwargs
+            )
         self.attention_hits += 1
         import torch
 
-        rows, heads, q_len, dim = query.shape
-        inputs = rows // groups
-        stacked = query.view(inputs, groups, heads, q_len, dim).transpose(1, 2).reshape(inputs, heads, groups * q_len, dim)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            stacked, unique_key, unique_value, scale=kwargs.get("scaling")
-        )
-        out = out.view(inputs, heads, groups, q_len, dim).permute(0, 2, 3, 1, 4).reshape(rows, q_len, heads, dim)
-        return out, None
+        groups, heads, dim = rows // inputs, module.num_heads, module.head_dim
+        # As transformers' WhisperAttention: scaled before the product, which then has scale 1.
+        query = (module.q_proj(hidden_states) * module.scaling).view(rows, q_len, heads, dim).transpose(1, 2)
+        stacked = query.reshape(inputs, groups, heads, q_len, dim).transpose(1, 2).reshape(inputs, heads, groups * q_len, dim)
+        out = torch.nn.functional.scaled_dot_product_attention(stacked, keys, values, scale=1.0)
+        out = out.view(inputs, heads, groups, q_len, dim).permute(0, 2, 3, 1, 4).reshape(rows, q_len, heads * dim)
+        return module.out_proj(out), None
 
-    @staticmethod
-    def _dedupe(key, value) -> tuple:
-        """(rows per group, keys, values) with consecutive identical rows kept once, or (1, None, None)."""
-        groups = _identical_row_groups(key)
-        if groups == 1 or _identical_row_groups(value) % groups:
-            return 1, None, None
-        return groups, key[::groups].contiguous(), value[::groups].contiguous()
+    def _row_groups(self, states) -> int:
+        """`_identical_row_groups` of the encoder output, once per output (all layers share it)."""
+        known, groups = self._local.groups
+        if known is not states:
+            groups = 1 if states.dim() != 3 or states.shape[0] == 1 else _identical_row_groups(states)
+            self._local.groups = (states, groups)
+        return groups
 
 
 def _identical_row_groups(tensor) -> int:
