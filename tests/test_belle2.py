@@ -268,18 +268,21 @@ def test_concatenated_clips_land_in_their_own_time_windows(belle2):
         assert best_match_cer(clip["reference"], far) >= FAR_CER, (i, far, report)
 
 
-# -- decoding shortcuts ----------------------------------------------------------------------------
+# -- speed-ups ----------------------------------------------------------------------------------
 
 SHORTCUT_CLIPS = ["zh_aishell1_BAC009S0724W0121.flac", "zh_funasr_regression_sample.flac", "zh_speechrecognition_chinese.flac"]
 
 
-def test_decoding_shortcuts_apply_and_change_no_output(serve_cluster, belle2, results):
-    """deployments/belle2/decoding.py skips work in transformers' generate; here the same app with
-    them off (a probe app) must give the very same segments, and each shortcut must have applied
-    in the real app (a transformers upgrade that routes round one would show as a 0 count)."""
+def test_speedups_apply_and_change_no_output(serve_cluster, belle2, results):
+    """deployments/belle2/decoding.py skips work in transformers' generate and
+    deployments/belle2/onednn.py moves the linear layers to oneDNN; here the same app with both
+    off (a probe app: transformers as shipped) must give the very same segments, and each speed-up
+    must have applied in the real app (a transformers or torch upgrade that routes round one
+    would show as a 0 count)."""
     probe = serve_cluster.app_config("belle2")
     probe["name"] = "belle2-plain"
     probe["args"]["decoding_shortcuts"] = False
+    probe["args"]["onednn_linears"] = False
     for dep in probe["deployments"]:
         dep["ray_actor_options"] = {"num_cpus": 0, "num_gpus": 0}
     try:
@@ -290,14 +293,14 @@ def test_decoding_shortcuts_apply_and_change_no_output(serve_cluster, belle2, re
         plain = serve.get_app_handle("belle2-plain")
         for name in SHORTCUT_CLIPS:
             assert transcribe(plain, DATA / name)["segments"] == results(name)["segments"], name
-        assert plain.decoding_shortcut_hits.remote().result() == dict.fromkeys(
-            ["no_speech_from_prefill", "suppression_mask_cached", "cross_projection_shared", "cross_attention_shared"], 0
+        assert plain.speedup_counts.remote().result() == dict.fromkeys(
+            ["no_speech_from_prefill", "suppression_mask_cached", "cross_projection_shared", "cross_attention_shared", "onednn_linears"], 0
         )
     finally:
         serve_cluster.deploy()
         serve_cluster.wait_gone("belle2-plain")
-    hits = belle2.decoding_shortcut_hits.remote().result()
-    assert all(count > 0 for count in hits.values()), hits
+    counts = belle2.speedup_counts.remote().result()
+    assert all(count > 0 for count in counts.values()), counts
 
 
 # -- load failure ---------------------------------------------------------------------------------
