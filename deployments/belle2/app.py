@@ -70,7 +70,6 @@ class Belle2Args(ModelAppArgs):
 
     model: str = Field("BELLE-2/Belle-whisper-large-v3-zh", description="Hugging Face model id or a local directory in transformers format.")
     batch_size: int = Field(8, ge=1, description="Windows of up to 30 s decoded together.")
-    num_beams: int = Field(5, ge=1, description="Beam width at temperature 0 (a request's beam_size overrides it).")
     compression_ratio_threshold: float = Field(2.4, gt=0, description="A window whose text compresses better than this is decoded again at the next temperature.")
     logprob_threshold: float = Field(-1.0, description="A window whose average log-probability is below this is decoded again at the next temperature.")
     no_speech_threshold: float = Field(0.6, ge=0, le=1, description="With a low log-probability, a window whose no-speech probability exceeds this is dropped as silence.")
