@@ -78,8 +78,8 @@ class Belle2Args(ModelAppArgs):
     vad_min_silence_ms: int = Field(500, ge=0, description="Silence that ends a speech span.")
     window_pad_ms: int = Field(200, ge=0, description="Context added around each window where there is room.")
     decoding_shortcuts: bool = Field(True, description="Read no-speech from the prompt pass, build suppression masks once per call, project and attend to the beams' shared encoder states once, leave identical cross-attention caches unreordered (deployments/belle2/decoding.py); the same tokens, off only to measure what they save.")
-    cpu_threads: int = Field(0, ge=0, description="PyTorch intra-op threads on CPU, set in every decoding thread (runtime.set_torch_threads); 0 keeps PyTorch's default (OMP_NUM_THREADS or the core count).")
     onednn_linears: bool = Field(True, description="On CPU, run every linear layer on oneDNN rather than MKL's sgemm (deployments/belle2/onednn.py): up to 2.7x as fast, most for decoding's few-row matrices; equal up to float rounding, not bit for bit.")
+    cpu_threads: int = Field(0, ge=0, description="PyTorch intra-op threads on CPU, set in every decoding thread (runtime.set_torch_threads); 0 keeps PyTorch's default (OMP_NUM_THREADS or the core count).")
     decoder_cpu_threads: int = Field(0, ge=0, description="Threads for the decoding steps on CPU, when fewer than `cpu_threads` serve better: each step is hundreds of small operations, and on the 2-vCPU test machine 2 threads made them slower than 1 (the encoder's large matrices keep `cpu_threads`). 0: as `cpu_threads`.")
 
 
