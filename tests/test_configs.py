@@ -121,6 +121,39 @@ def test_an_edit_changes_only_its_own_apps_config(production, overlay, tmp_path)
     assert all(hashes()[n] != after[n] for n in after)  # the shared contract rolls every app
 
 
+def _local_imports(path: Path) -> set:
+    """Repository files (relative paths) that `path` imports from serve_app/ or deployments/."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+        for name in names:
+            if name.split(".")[0] in ("serve_app", "deployments"):
+                module = ROOT / name.replace(".", "/")
+                found.add(str((module / "__init__.py" if module.is_dir() else module.with_suffix(".py")).relative_to(ROOT)))
+    return found
+
+
+def test_each_apps_code_list_covers_what_it_imports(overlay):
+    """An app whose `code` misses a module it imports would keep running the old module after an
+    edit to it (the digest would not change)."""
+    for name, app in overlay["applications"].items():
+        listed = app["code"]
+
+        def covered(rel: str) -> bool:
+            return any(rel == entry or rel.startswith(entry.rstrip("/") + "/") for entry in listed)
+
+        files = {str(f.relative_to(ROOT)) for entry in listed for f in ([ROOT / entry] if entry.endswith(".py") else (ROOT / entry).rglob("*.py"))}
+        pending, seen = set(files), set()
+        while pending:
+            rel = pending.pop()
+            seen.add(rel)
+            pending |= _local_imports(ROOT / rel) - seen
+        assert {rel for rel in seen if not covered(rel)} == set(), name
+
+
 def get_invalid_configs():
     def with_app(mutate):
         config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
