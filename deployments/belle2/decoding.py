@@ -60,6 +60,11 @@ class SharedCrossAttention:
     """
 
     def __init__(self, model: Any):
+        import torch
+        from transformers.cache_utils import EncoderDecoderCache
+
+        self._sdpa = torch.nn.functional.scaled_dot_product_attention
+        self._cache_type = EncoderDecoderCache
         self._local = threading.local()
         self.projection_hits = self.attention_hits = 0
         for layer in model.get_decoder().layers:
@@ -76,19 +81,20 @@ class SharedCrossAttention:
 
     def _forward(self, module, transformers_forward, hidden_states, key_value_states=None, past_key_values=None,
                  attention_mask=None, output_attentions=False, **kwargs):
-        from transformers.cache_utils import EncoderDecoderCache
+        def as_transformers():
+            return transformers_forward(
+                hidden_states, key_value_states=key_value_states, past_key_values=past_key_values,
+                attention_mask=attention_mask, output_attentions=output_attentions, **kwargs,
+            )
 
         if (
             getattr(self._local, "groups", None) is None
             or key_value_states is None
             or attention_mask is not None
             or output_attentions
-            or not isinstance(past_key_values, EncoderDecoderCache)
+            or not isinstance(past_key_values, self._cache_type)
         ):
-            return transformers_forward(
-                hidden_states, key_value_states=key_value_states, past_key_values=past_key_values,
-                attention_mask=attention_mask, output_attentions=output_attentions, **kwargs,
-            )
+            return as_transformers()
         layer = module.layer_idx
         cross = past_key_values.cross_attention_cache
         if past_key_values.is_updated.get(layer):
@@ -96,9 +102,7 @@ class SharedCrossAttention:
         else:
             groups = self._row_groups(key_value_states)
             if groups == 1:
-                return transformers_forward(
-                    hidden_states, key_value_states=key_value_states, past_key_values=past_key_values, **kwargs
-                )
+                return as_transformers()
             self.projection_hits += 1
             unique = key_value_states[::groups]
             shape = (unique.shape[0], -1, module.num_heads, module.head_dim)
@@ -109,17 +113,13 @@ class SharedCrossAttention:
         rows, q_len = hidden_states.shape[:2]
         inputs = keys.shape[0]
         if inputs == rows:  # cached by transformers' own forward: one row per beam
-            return transformers_forward(
-                hidden_states, key_value_states=key_value_states, past_key_values=past_key_values, **kwargs
-            )
+            return as_transformers()
         self.attention_hits += 1
-        import torch
-
         groups, heads, dim = rows // inputs, module.num_heads, module.head_dim
         # As transformers' WhisperAttention: scaled before the product, which then has scale 1.
         query = (module.q_proj(hidden_states) * module.scaling).view(rows, q_len, heads, dim).transpose(1, 2)
         stacked = query.reshape(inputs, groups, heads, q_len, dim).transpose(1, 2).reshape(inputs, heads, groups * q_len, dim)
-        out = torch.nn.functional.scaled_dot_product_attention(stacked, keys, values, scale=1.0)
+        out = self._sdpa(stacked, keys, values, scale=1.0)
         out = out.view(inputs, heads, groups, q_len, dim).permute(0, 2, 3, 1, 4).reshape(rows, q_len, heads * dim)
         return module.out_proj(out), None
 
