@@ -127,12 +127,16 @@ def _local_imports(path: Path) -> set:
 
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
-        names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module:  # `from a.b import c`: a.b, or a.b.c if a module
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
         for name in names:
             if name.split(".")[0] in ("serve_app", "deployments"):
                 module = ROOT / name.replace(".", "/")
-                found.add(str((module / "__init__.py" if module.is_dir() else module.with_suffix(".py")).relative_to(ROOT)))
+                for candidate in (module.with_suffix(".py"), module / "__init__.py"):
+                    if candidate.is_file():
+                        found.add(str(candidate.relative_to(ROOT)))
     return found
 
 
