@@ -53,8 +53,8 @@ $(CT2_BASE)/model.bin:
 	mv $@.tmp $@
 
 # The BELLE-2 (transformers) path needs Hugging Face-format weights: converted from the above.
-$(HF_BASE)/model.safetensors: $(CT2_BASE)/model.bin deployments/belle2/convert_ct2.py | venvs
-	HF_HUB_OFFLINE=1 $(VENVS)/belle2/bin/python deployments/belle2/convert_ct2.py --overwrite $(CT2_BASE) $(HF_BASE)
+$(HF_BASE)/model.safetensors: $(CT2_BASE)/model.bin runtime_envs/convert_ct2.py | venvs
+	HF_HUB_OFFLINE=1 $(VENVS)/belle2/bin/python runtime_envs/convert_ct2.py --overwrite $(CT2_BASE) $(HF_BASE)
 
 models: $(CT2_BASE)/model.bin $(HF_BASE)/model.safetensors
 
@@ -80,7 +80,7 @@ stop:
 test: venvs models
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: venvs
+test-fast: venvs models
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The benchmarks measure the service that `make serve` runs, next to direct library calls.

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from deployments.pinned_decode import PinnedLengthWhisper, counting_window_tokens  # noqa: E402
-from deployments.runtime import process_memory  # noqa: E402
+from deployments.core import process_memory  # noqa: E402
 
 logger = logging.getLogger("direct_whisperx")
 

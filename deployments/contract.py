@@ -10,7 +10,7 @@ shaped by the TypedDicts below. This module imports the standard library only.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Mapping, Optional, Tuple, TypedDict
+from typing import Any, FrozenSet, List, Literal, Mapping, NamedTuple, Optional, Tuple, TypedDict
 
 SAMPLE_RATE = 16_000
 """Every model app takes mono float32 audio at this rate."""
@@ -29,6 +29,29 @@ class InvalidAudioError(ValueError):
 
 class ModelUnavailableError(RuntimeError):
     """Raised when a model app cannot serve (not loaded, load failed); the ingress may fall back."""
+
+
+class UnsupportedOptionError(InvalidOptionsError):
+    """A request chose a model explicitly and asked for an option that model does not honour."""
+
+    def __init__(self, message: str, *, option: str):
+        super().__init__(message)
+        self.option = option
+
+    def __reduce__(self):  # keyword arguments do not survive pickling on their own
+        return (_unsupported_option_error, (str(self), self.option))
+
+
+def _unsupported_option_error(message: str, option: str) -> "UnsupportedOptionError":
+    return UnsupportedOptionError(message, option=option)
+
+
+class ModelFailedError(RuntimeError):
+    """A model app failed while transcribing; carries the original error's type and message.
+
+    The replica base converts any other exception to this one: a torch or transformers
+    exception class does not unpickle in the ingress env.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,3 +195,138 @@ class EnvInfo(TypedDict):
     model: str
     loaded: bool
     load_error: Optional[str]
+    warnings: list  # list[str]: what the replica turned off or could not do at start (patch guards)
+
+
+class ModelSpec(NamedTuple):
+    """What a model application is for and what it honours, declared by the app itself.
+
+    Each model app returns `to_dict()` from its `spec()` handle method; the ingress builds its
+    model names, `/v1/models`, translation routing, language-ID skipping and the check of
+    request options from these, never from model names written into its code.
+
+    Attributes:
+        name: The plug-in's name ("belle2"); the ingress's model name is its `model_apps` key.
+        description: One line for `/v1/models`.
+        languages: ISO 639-1 codes the model is meant for; empty means every Whisper language.
+        tasks: "transcribe" and/or "translate".
+        options: The `TranscribeOptions` fields it honours (language and task are judged by
+            `languages` and `tasks`).
+        detects_language: It identifies the spoken language itself when none is given, so the
+            ingress need not run its own language ID before calling it.
+        aliases: Further names a request's `model` may use for it.
+    """
+
+    name: str
+    description: str = ""
+    languages: Tuple[str, ...] = ()
+    tasks: Tuple[str, ...] = ("transcribe",)
+    options: FrozenSet[str] = frozenset()
+    detects_language: bool = False
+    aliases: Tuple[str, ...] = ()
+
+    @property
+    def word_timestamps(self) -> bool:
+        """It produces word times."""
+        return "word_timestamps" in self.options
+
+    @property
+    def speakers(self) -> bool:
+        """It labels speakers (diarization)."""
+        return "diarize" in self.options
+
+    @property
+    def script_choice(self) -> bool:
+        """It writes Chinese in the script a request asks for."""
+        return "script" in self.options
+
+    def to_dict(self) -> dict:
+        """The spec as builtins, safe to send to any env."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "languages": list(self.languages),
+            "tasks": list(self.tasks),
+            "options": sorted(self.options),
+            "detects_language": self.detects_language,
+            "aliases": list(self.aliases),
+            "capabilities": {
+                "word_timestamps": self.word_timestamps,
+                "speakers": self.speakers,
+                "script_choice": self.script_choice,
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelSpec":
+        """The spec a model app sent (`to_dict()`); derived keys are ignored."""
+        return cls(
+            name=str(data["name"]),
+            description=str(data.get("description", "")),
+            languages=tuple(data.get("languages", ())),
+            tasks=tuple(data.get("tasks", ("transcribe",))),
+            options=frozenset(data.get("options", ())),
+            detects_language=bool(data.get("detects_language", False)),
+            aliases=tuple(data.get("aliases", ())),
+        )
+
+
+class UnhonouredOption(NamedTuple):
+    """An option of a request that a model would not apply, and why."""
+
+    option: str
+    """The `TranscribeOptions` field."""
+    reason: str
+    """Why, naming the model: "belle2 does not produce word timestamps"."""
+
+
+_OPTION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TranscribeOptions)}
+_OPTION_WHAT = {
+    "initial_prompt": "take a prompt",
+    "temperature": "take temperatures",
+    "beam_size": "take a beam size",
+    "word_timestamps": "produce word timestamps",
+    "diarize": "label speakers",
+    "min_speakers": "label speakers",
+    "max_speakers": "label speakers",
+    "script": "convert Chinese script",
+}
+
+
+def unhonoured_options(spec: ModelSpec, opts: TranscribeOptions) -> List[UnhonouredOption]:
+    """The options of `opts` that the model of `spec` would not apply (defaults never count).
+
+    Args:
+        spec: The model's declared spec.
+        opts: A request's options.
+
+    Returns:
+        One entry per option, in `TranscribeOptions` field order; empty when all apply.
+    """
+    out: List[UnhonouredOption] = []
+    if opts.language and spec.languages and opts.language not in spec.languages:
+        out.append(UnhonouredOption("language", f"{spec.name} decodes {'/'.join(spec.languages)} only"))
+    if opts.task not in spec.tasks:
+        out.append(UnhonouredOption("task", f"{spec.name} does not {opts.task}"))
+    for name, default in _OPTION_DEFAULTS.items():
+        if name in ("language", "task") or name in spec.options:
+            continue
+        value = getattr(opts, name)
+        if name == "temperature":
+            value, default = tuple(value), tuple(default)
+        if value != default:
+            out.append(UnhonouredOption(name, f"{spec.name} does not {_OPTION_WHAT.get(name, 'take ' + name)}"))
+    return out
+
+
+def without_options(opts: TranscribeOptions, names) -> TranscribeOptions:
+    """`opts` with the named options back at their defaults (language: None)."""
+    names = set(names)
+    if not names:
+        return opts
+    return dataclasses.replace(opts, **{n: _OPTION_DEFAULTS[n] for n in names})
+
+
+def describe_unhonoured(items: List[UnhonouredOption], opts: TranscribeOptions) -> str:
+    """One sentence for a refusal: "Got word_timestamps=True, but belle2 does not produce word timestamps."."""
+    return " ".join(f"Got {i.option}={getattr(opts, i.option)!r}, but {i.reason}." for i in items)

@@ -1,21 +1,17 @@
-"""Start-up checks and helpers shared by the model replicas (stdlib, numpy and ray only)."""
+"""The Ray side of a replica's start-up: Ray and Python versions against the cluster's, GPU share.
+
+Ray-free helpers (audio checks, devices, threads, memory) live in `deployments/core.py`.
+"""
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
-import os
 import platform
 import sys
-from typing import Iterable, Mapping, Optional
+from typing import Mapping, Optional
 
-import numpy as np
 import ray
-from pydantic import BaseModel, Field, field_validator
-
-from deployments.contract import SAMPLE_RATE, InvalidAudioError, ModelUnavailableError
-from deployments.pinned_decode import MAX_PINNED_DECODE_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -90,21 +86,6 @@ def check_environment() -> dict:
     return local
 
 
-def package_versions(names: Iterable[str]) -> dict:
-    """Installed versions of the named distributions as plain strings ("absent" if missing).
-
-    `importlib.metadata` gives `str`, never a library's own version class (torch's
-    `TorchVersion` would not unpickle in an env without torch).
-    """
-    out = {}
-    for name in names:
-        try:
-            out[name] = str(importlib.metadata.version(name))
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "absent"
-    return out
-
-
 def assigned_gpu_fraction() -> float:
     """The share of one GPU Ray scheduled this replica with (0 when it has none)."""
     ctx = ray.get_runtime_context()
@@ -117,138 +98,28 @@ def assigned_gpu_fraction() -> float:
     return float(resources.get("GPU", 0.0))
 
 
-def cap_torch_gpu_memory(fraction: Optional[float]) -> Optional[float]:
-    """Caps this process's PyTorch allocations to its share of the GPU.
 
-    Ray's fractional GPUs are a scheduling label only: two replicas at 0.5 each can still take
-    the whole card. The caching allocator refuses to grow past the cap instead.
 
-    Args:
-        fraction: Share of device memory this replica may use; None means the Ray-assigned share.
+# -- model specs, published where the ingress reads them without queueing behind requests ---------
 
-    Returns:
-        The fraction applied, or None when there is no GPU.
+_SPEC_NAMESPACE = "klipnote"
+
+
+def publish_spec(app_name: str, spec: Mapping) -> None:
+    """Records a model app's spec (`ModelSpec.to_dict()`) in the cluster's key-value store.
+
+    The ingress reads it from there rather than through the app's handle: a handle call waits in
+    the replicas' request queue, so a busy model app would keep its spec from the very requests
+    that need it to be routed.
     """
-    import torch
+    from ray.experimental.internal_kv import _internal_kv_put
 
-    if not torch.cuda.is_available():
-        return None
-    if fraction is None:
-        fraction = assigned_gpu_fraction() or 1.0
-    fraction = min(max(fraction, 0.05), 1.0)
-    torch.cuda.set_per_process_memory_fraction(fraction)
-    logger.info("Capped this replica's GPU memory to %.2f of the device.", fraction)
-    return fraction
+    _internal_kv_put(f"spec:{app_name}", json.dumps(dict(spec)), overwrite=True, namespace=_SPEC_NAMESPACE)
 
 
-def validate_audio(audio: np.ndarray, *, max_seconds: Optional[float] = None) -> np.ndarray:
-    """Checks a waveform and returns a writable float32 copy.
+def read_spec(app_name: str) -> Optional[dict]:
+    """The spec `publish_spec` recorded for `app_name`, or None."""
+    from ray.experimental.internal_kv import _internal_kv_get
 
-    Arrays that arrive through Ray are read-only views of the object store; torch refuses
-    those (`torch.from_numpy` warns and writes would crash), so every replica copies first.
-
-    Raises:
-        InvalidAudioError: Not a 1-D float array, empty, or longer than `max_seconds`.
-    """
-    if not isinstance(audio, np.ndarray) or audio.ndim != 1:
-        shape = getattr(audio, "shape", type(audio).__name__)
-        raise InvalidAudioError(f"Got audio of shape {shape}; expected mono 1-D samples.")
-    if audio.size == 0:
-        raise InvalidAudioError("Got empty audio (0 samples).")
-    if not np.issubdtype(audio.dtype, np.floating):
-        raise InvalidAudioError(f"Got audio of dtype {audio.dtype}; expected float32 in [-1, 1].")
-    if max_seconds is not None and audio.size > max_seconds * SAMPLE_RATE:
-        raise InvalidAudioError(
-            f"Got {audio.size / SAMPLE_RATE:.1f} s of audio; this app accepts at most {max_seconds} s."
-        )
-    return np.array(audio, dtype=np.float32, copy=True)
-
-
-def configure_offline(model_cache: Optional[str]) -> None:
-    """Points the Hugging Face cache at `model_cache` (if given) for this process."""
-    if model_cache:
-        os.environ.setdefault("HF_HOME", model_cache)
-
-
-class ModelAppArgs(BaseModel):
-    """Settings every model application has, filled from the Serve config's `args:`."""
-
-    device: str = Field("auto", description="'cuda', 'cpu' or 'auto' (cuda when available).")
-    model_cache: Optional[str] = Field(None, description="Hugging Face cache directory for downloaded models.")
-    local_files_only: bool = Field(False, description="Never reach the hub; load from the cache or a local directory only.")
-    gpu_memory_fraction: Optional[float] = Field(None, gt=0, le=1, description="Share of the GPU this replica may use; default: its Ray num_gpus.")
-    max_audio_seconds: float = Field(4 * 3600, gt=0, description="Longest audio accepted.")
-    pinned_decode_tokens: Optional[int] = Field(
-        None,
-        ge=1,
-        le=MAX_PINNED_DECODE_TOKENS,
-        description="Benchmark only, for random weights (bench/random_whisper.py): every window decodes exactly this "
-        "many tokens, once, at one temperature, none skipped as silence; results say so in `warnings` "
-        "(deployments/pinned_decode.py). None decodes normally.",
-    )
-
-    @field_validator("device")
-    @classmethod
-    def _check_device(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"Got {v!r} for device; expected 'auto', 'cpu' or 'cuda'.")
-        return v
-
-
-def resolve_device(device: str) -> str:
-    """'auto' becomes 'cuda' when a GPU is visible, else 'cpu'.
-
-    Raises:
-        ModelUnavailableError: 'cuda' was configured but this replica sees no GPU.
-    """
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelUnavailableError("device 'cuda' was configured but this replica sees no GPU.")
-    return device
-
-
-def set_torch_threads(threads: int) -> None:
-    """Sets PyTorch's CPU intra-op threads for the calling thread; 0 leaves them as they are.
-
-    `torch.set_num_threads` reaches OpenMP only in the thread that calls it, and replicas decode
-    in worker threads (`asyncio.to_thread`), which start from OMP_NUM_THREADS (1 in our Serve
-    configs, so that replicas do not oversubscribe their cores). So each decoding call sets it
-    again: set only in `__init__`, a replica configured for 2 threads decoded on 1 (BELLE-2's
-    4.3 s clip took 3.4 s instead of 2.4 s).
-    """
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)  # get_num_threads() reads a process-wide value: no shortcut
-
-
-def process_memory(reset_peak: bool = False) -> dict:
-    """This process's resident memory now and at its peak (Linux /proc), as builtins.
-
-    Model replicas return it from `memory()` so that bench/ can record peak RSS per replica
-    without reaching into the cluster's processes.
-
-    Args:
-        reset_peak: First reset the peak to the current RSS (Linux `clear_refs`), so that a
-            later call reports the peak of what ran in between.
-    """
-    if reset_peak:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # "5" resets the peak RSS (VmHWM); see proc(5)
-        except OSError:
-            logger.warning("Could not reset the peak RSS (not Linux?).")
-    fields = {"VmRSS": "rss_bytes", "VmHWM": "peak_rss_bytes"}
-    out = {"pid": os.getpid(), "rss_bytes": 0, "peak_rss_bytes": 0}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in fields:
-                    out[fields[key]] = int(value.split()[0]) * 1024
-    except OSError:  # not Linux: report zeros rather than fail a bench
-        pass
-    return out
+    raw = _internal_kv_get(f"spec:{app_name}", namespace=_SPEC_NAMESPACE)
+    return json.loads(raw) if raw else None

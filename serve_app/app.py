@@ -24,7 +24,8 @@ from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.contract import InvalidOptionsError, ModelUnavailableError, TranscribeOptions
-from deployments.runtime import check_environment, package_versions, process_memory, validate_audio
+from deployments.core import package_versions, process_memory, validate_audio
+from deployments.runtime import check_environment
 from serve_app.admission import Admission
 from serve_app.audio import decode_audio
 from serve_app.config import IngressSettings
@@ -32,7 +33,7 @@ from serve_app.errors import APIError, ErrorResponse, UploadTooLargeError, creat
 from serve_app.formats import join_text, render, server_timing
 from serve_app.langid import LanguageDetector
 from serve_app.protocol import TranscriptionRequest
-from serve_app.routing import ModelRouter, choose_model
+from serve_app.routing import AUTO, ModelRouter
 from serve_app.subtitles import compliant_share, subtitle_segments
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ _ERROR_RESPONSES = {
 
 api = FastAPI(
     title="KlipNote Serve",
-    description="Speech to subtitle-ready text: BELLE-2 for Mandarin, WhisperX for everything else.",
+    description="Speech to subtitle-ready text from the deployed model apps, routed by language "
+    "(by default BELLE-2 for Mandarin, WhisperX for everything else); GET /v1/models lists them.",
     version="0.1.0",
 )
 
@@ -106,15 +108,35 @@ class TranscriptionIngress:
 
     @api.post("/v1/audio/translations", responses=_ERROR_RESPONSES)
     async def create_translation(self, request: TranscriptionRequest = Depends(transcription_form)) -> Response:
-        """Translates speech into English text (WhisperX)."""
-        request.model = "whisperx"
+        """Translates speech into English text, with a model whose spec lists "translate"."""
         return await self._serve_http(request, task="translate")
 
     @api.get("/v1/models")
     async def list_models(self) -> dict:
-        """The model names a request may give: auto, belle2, whisperx."""
-        names = ["auto", "belle2", "whisperx"]
-        return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "klipnote"} for n in names]}
+        """The model names a request may give: "auto" (routing by language) and each model app,
+        with the languages, tasks and capabilities its spec declares."""
+        settings = self._settings
+        specs = await self._router.specs()
+        data = [
+            {
+                "id": AUTO,
+                "object": "model",
+                "created": 0,
+                "owned_by": "klipnote",
+                "description": "Routes each request by its language: `routes`, else `default_model`; falls back to `fallback_model`.",
+                "aliases": ["whisper-1"],
+                "routes": dict(settings.routes),
+                "default_model": settings.default_model,
+                "fallback_model": settings.fallback_model,
+            }
+        ]
+        for model, app in settings.model_apps.items():
+            entry = {"id": model, "object": "model", "created": 0, "owned_by": "klipnote", "app": app, "available": await self._router.available(model)}
+            spec = specs.get(model)
+            if spec is not None:
+                entry.update({k: v for k, v in spec.to_dict().items() if k != "name"}, engine=spec.name)
+            data.append(entry)
+        return {"object": "list", "data": data}
 
     @api.get("/health")
     async def health(self) -> JSONResponse:
@@ -156,7 +178,7 @@ class TranscriptionIngress:
         Args:
             audio: An encoded file (bytes) or 16 kHz mono float32 samples.
             language: ISO 639-1 code, or None to detect it.
-            model: "auto", "belle2" or "whisperx".
+            model: "auto" or a model name of `/v1/models` (or an alias of one).
             task: "transcribe" or "translate".
             segmentation: "subtitle" (1-7 s cues) or "raw" (the model's segments); None: the
                 configured default.
@@ -174,7 +196,7 @@ class TranscriptionIngress:
         else:
             samples = validate_audio(np.asarray(audio), max_seconds=self._settings.max_audio_seconds)
         opts = TranscribeOptions.from_dict({"language": language, "task": task, **options})
-        body, segments, _ = await self._run(samples, ModelRouter.resolve_alias(model), opts, segmentation=segmentation)
+        body, segments, _ = await self._run(samples, model, opts, segmentation=segmentation)
         return {**body, "segments": segments}
 
     def memory(self) -> dict:
@@ -198,7 +220,7 @@ class TranscriptionIngress:
             timings = {"decode": time.perf_counter() - started}
             opts = request.to_transcribe_options(task=task)
             body, segments, fallback = await self._run(
-                samples, ModelRouter.resolve_alias(request.model), opts, segmentation=request.segmentation, timings=timings
+                samples, request.model, opts, segmentation=request.segmentation, timings=timings
             )
         headers = {MODEL_HEADER: body["model"], "Server-Timing": server_timing(timings)}
         if fallback:
@@ -238,19 +260,20 @@ class TranscriptionIngress:
             raise InvalidOptionsError(f"Got {segmentation!r} for segmentation; expected 'subtitle' or 'raw'.")
         subtitles = self._settings.subtitles
         as_subtitles = subtitles.enabled if segmentation is None else segmentation == "subtitle"
+        requested = await self._router.resolve(requested)
         language, probability = opts.language, None
-        if language is None and requested != "whisperx":
+        if language is None and await self._router.needs_language_id(requested, opts.task):
             started = time.perf_counter()
             detected = await asyncio.to_thread(self._detector.detect, samples)
             timings["langid"] = time.perf_counter() - started
             language, probability = detected.language, detected.probability
-        model, reason = choose_model(self._settings, requested, language, probability)
+        model, reason = await self._router.choose(requested, opts.task, language, probability)
         logger.info("Routing to %s (%s).", model, reason)
         trusted = probability is None or probability >= self._settings.language_id.threshold
         if language is not None and trusted:  # an unsure guess is not forced on the model
             opts = TranscribeOptions.from_dict({**opts.to_dict(), "language": language})
         started = time.perf_counter()
-        routed = await self._router.transcribe(model, samples, opts.to_dict())
+        routed = await self._router.transcribe(model, samples, opts, explicit=requested != AUTO, why=reason)
         timings["model"] = time.perf_counter() - started
         result = routed.result
         segments = raw_segments = result["segments"]
@@ -270,7 +293,7 @@ class TranscriptionIngress:
             "segmentation": "subtitle" if as_subtitles else "raw",
             "subtitle_compliant_share": compliant_share(segments, subtitles),
         }
-        fallback = f"{model}->{routed.model}" if routed.warnings else None
+        fallback = f"{model}->{routed.model}" if routed.fell_back else None
         return body, segments, fallback
 
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import functools
-from typing import Dict, Literal, Optional
+from typing import Dict, List, Optional, Union
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-ModelName = Literal["belle2", "whisperx"]
+ModelName = str
+"""A model's name in requests and config: a key of `IngressSettings.model_apps`."""
+
+AUTO_NAMES = ("auto", "whisper-1")
+"""Request `model` values that mean "route by language"; no model may be called so."""
 
 
 class LanguageIdSettings(BaseModel):
@@ -61,7 +65,9 @@ class IngressSettings(BaseSettings):
 
     model_apps: Dict[ModelName, str] = Field(
         default_factory=lambda: {"belle2": "belle2", "whisperx": "whisperx"},
-        description="Serve application name of each model.",
+        description="The model applications: model name (what a request's `model` and the settings below use) -> "
+        "Serve application name. A list of names means each model's application has its name. Each app declares "
+        "its languages, tasks and options itself (its `spec()`); nothing else lists models.",
     )
     routes: Dict[str, ModelName] = Field(
         default_factory=lambda: {"zh": "belle2", "yue": "belle2"},
@@ -77,15 +83,36 @@ class IngressSettings(BaseSettings):
     language_id: LanguageIdSettings = Field(default_factory=LanguageIdSettings)
     subtitles: SubtitleSettings = Field(default_factory=SubtitleSettings)
 
+    @field_validator("model_apps", mode="before")
+    @classmethod
+    def _apps_from_list(cls, v: Union[Dict[str, str], List[str]]):
+        return {name: name for name in v} if isinstance(v, (list, tuple)) else v
+
+    @field_validator("model_apps")
+    @classmethod
+    def _check_model_names(cls, v: Dict[str, str]) -> Dict[str, str]:
+        if not v:
+            raise ValueError("Got no model_apps; at least one model application is needed.")
+        reserved = sorted(set(v) & set(AUTO_NAMES))
+        if reserved:
+            raise ValueError(f"Got {reserved} in model_apps; {list(AUTO_NAMES)} mean routing by language and cannot name a model.")
+        return v
+
     @field_validator("routes")
     @classmethod
     def _lowercase_languages(cls, v: Dict[str, str]) -> Dict[str, str]:
         return {k.lower(): m for k, m in v.items()}
 
     @model_validator(mode="after")
-    def _check_fallback(self) -> "IngressSettings":
-        if self.fallback_model is not None and self.fallback_model not in self.model_apps:
-            raise ValueError(f"Got {self.fallback_model!r} for fallback_model; it has no entry in model_apps.")
+    def _check_models_are_deployed(self) -> "IngressSettings":
+        known = sorted(self.model_apps)
+        named = [("default_model", self.default_model)]
+        if self.fallback_model is not None:
+            named.append(("fallback_model", self.fallback_model))
+        named += [(f"routes[{language!r}]", model) for language, model in self.routes.items()]
+        for setting, model in named:
+            if model not in self.model_apps:
+                raise ValueError(f"Got {model!r} for {setting}; it has no entry in model_apps ({known}).")
         return self
 
     def route(self, language: Optional[str]) -> ModelName:

@@ -9,8 +9,11 @@ from typing import Dict, Optional
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from deployments.contract import InvalidAudioError, InvalidOptionsError, ModelUnavailableError
+from deployments.contract import InvalidAudioError, InvalidOptionsError, ModelFailedError, ModelUnavailableError, UnsupportedOptionError
 from serve_app.audio import UnsupportedMediaError
+
+# A refused option's form field, where it differs from the `TranscribeOptions` field.
+_FORM_FIELDS = {"initial_prompt": "prompt", "word_timestamps": "timestamp_granularities[]", "task": "model"}
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +80,17 @@ def error_response_for(exc: BaseException) -> JSONResponse:
     """The one place where an exception becomes an HTTP status and an OpenAI error body."""
     from ray.serve.exceptions import BackPressureError
 
+    from serve_app.routing import UnknownModelError
+
+    exc = _cause(exc)
     if isinstance(exc, APIError):
         return create_error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code, headers=exc.headers)
     if isinstance(exc, UnsupportedMediaError):
         return create_error_response(415, str(exc), type="invalid_request_error", param="file", code="unsupported_media")
+    if isinstance(exc, UnsupportedOptionError):
+        return create_error_response(400, str(exc), type="invalid_request_error", param=_FORM_FIELDS.get(exc.option, exc.option), code="unsupported_option")
+    if isinstance(exc, UnknownModelError):
+        return create_error_response(400, str(exc), type="invalid_request_error", param="model", code="model_not_found")
     if isinstance(exc, InvalidAudioError):
         return create_error_response(400, str(exc), type="invalid_request_error", param="file", code="invalid_audio")
     if isinstance(exc, (InvalidOptionsError, ValueError)):
@@ -99,7 +109,15 @@ def error_response_for(exc: BaseException) -> JSONResponse:
         return create_error_response(503, str(exc), type="server_error", code="model_unavailable", headers={"Retry-After": "30"})
     if isinstance(exc, TimeoutError):
         return create_error_response(504, "The model did not answer in time.", type="server_error", code="timeout")
+    if isinstance(exc, ModelFailedError):
+        return create_error_response(500, f"The model failed on this request ({str(exc).split(':')[0]}).", type="server_error", code="model_failed")
     if isinstance(exc, NotImplementedError):
         return create_error_response(501, str(exc) or "Not implemented.", type="invalid_request_error")
     logger.exception("Unhandled error", exc_info=exc)
     return create_error_response(500, f"Internal error: {type(exc).__name__}", type="server_error")
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The model app's own exception inside Ray's wrapper (whose text is a traceback)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc

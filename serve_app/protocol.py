@@ -22,7 +22,7 @@ class TranscriptionRequest(BaseModel):
     """The audio file: any container FFmpeg reads (wav, flac, mp3, m4a, ogg, webm, video)."""
 
     model: str = "auto"
-    """"auto" (route by language), "belle2" or "whisperx"; "whisper-1" means "auto"."""
+    """"auto" (route by language; "whisper-1" means the same) or a model of `GET /v1/models`."""
 
     language: Optional[str] = None
     """ISO 639-1 code of the audio's language; detected when absent."""
@@ -44,6 +44,18 @@ class TranscriptionRequest(BaseModel):
     segmentation: Optional[Literal["subtitle", "raw"]] = None
     """KlipNote: "subtitle" (cues of 1-7 s and at most 200 characters, the default) or "raw"
     (the model's own segments). Applies to segments, srt and vtt."""
+
+    script: Optional[Literal["simplified", "traditional"]] = None
+    """KlipNote: Chinese output in Simplified (the default) or Traditional script."""
+
+    diarize: bool = False
+    """KlipNote: label segments and words with speakers (a model whose spec lists `diarize`)."""
+
+    min_speakers: Optional[int] = Field(None, ge=1)
+    """KlipNote: fewest speakers when diarizing."""
+
+    max_speakers: Optional[int] = Field(None, ge=1)
+    """KlipNote: most speakers when diarizing."""
 
     @model_validator(mode="before")
     @classmethod
@@ -70,4 +82,8 @@ class TranscriptionRequest(BaseModel):
             initial_prompt=self.prompt,
             temperature=temperature,
             word_timestamps="word" in self.timestamp_granularities,
+            diarize=self.diarize,
+            min_speakers=self.min_speakers,
+            max_speakers=self.max_speakers,
+            **({"script": self.script} if self.script else {}),
         )

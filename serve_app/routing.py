@@ -1,20 +1,39 @@
-"""Choosing the model app for a request, calling it, and falling back visibly."""
+"""Choosing the model app for a request, calling it, and falling back visibly.
+
+The ingress knows models only from its settings (`model_apps`, `routes`, `default_model`,
+`fallback_model`) and from the spec each deployed model app publishes (`ModelSpec`): names and
+aliases, translation, whether language ID can be skipped, and which options a model honours.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from deployments.contract import InvalidAudioError, InvalidOptionsError, ModelUnavailableError
-from serve_app.config import IngressSettings, ModelName
+from deployments.contract import (
+    InvalidAudioError,
+    InvalidOptionsError,
+    ModelSpec,
+    ModelUnavailableError,
+    TranscribeOptions,
+    UnsupportedOptionError,
+    describe_unhonoured,
+    unhonoured_options,
+    without_options,
+)
+from serve_app.config import AUTO_NAMES, IngressSettings, ModelName
 
 logger = logging.getLogger(__name__)
 
-MODEL_ALIASES = {"auto": "auto", "whisper-1": "auto", "belle2": "belle2", "whisperx": "whisperx"}
+AUTO = "auto"
+
+
+class UnknownModelError(InvalidOptionsError):
+    """A request named a model that is neither configured nor an alias of one (HTTP 400)."""
 
 
 class RoutedResult(NamedTuple):
@@ -22,7 +41,9 @@ class RoutedResult(NamedTuple):
     model: ModelName
     """The model that served the request."""
     warnings: List[str]
-    """Routing warnings (fallback); empty when the routed model served."""
+    """Routing warnings (options not applied, fallback)."""
+    fell_back: bool
+    """A fallback model served instead of the chosen one."""
 
 
 class AppState(NamedTuple):
@@ -46,47 +67,119 @@ _MESSAGE_CHARS = 300
 
 
 class ModelRouter:
-    """Finds model apps by name, knows whether they can serve, and calls them with fallback."""
+    """Finds model apps by name, knows whether they can serve and what they honour, calls them."""
 
     _STATUS_TTL_S = 2.0
 
     def __init__(self, settings: IngressSettings):
         self._settings = settings
         self._status: Dict[str, AppState] = {}
+        self._specs: Dict[ModelName, ModelSpec] = {}
         self._status_at = 0.0
         self._status_lock = asyncio.Lock()
 
-    @staticmethod
-    def resolve_alias(model: str) -> str:
-        """Maps the request's `model` to "auto", "belle2" or "whisperx".
+    # -- what is deployed ------------------------------------------------------------------------
 
-        Raises:
-            InvalidOptionsError: Unknown model name.
-        """
-        try:
-            return MODEL_ALIASES[model]
-        except KeyError:
-            raise InvalidOptionsError(
-                f"Got {model!r} for model; expected one of {sorted(MODEL_ALIASES)}."
-            ) from None
+    async def refresh(self) -> None:
+        """Reads Serve's status and the model apps' specs, at most every couple of seconds."""
+        async with self._status_lock:
+            if time.monotonic() - self._status_at > self._STATUS_TTL_S:
+                status, specs = await asyncio.to_thread(self._read_status)
+                self._status = status
+                self._specs.update(specs)  # a spec outlives its app's outage: /v1/models keeps listing it
+                self._status_at = time.monotonic()
+
+    def _read_status(self) -> Tuple[Dict[str, AppState], Dict[ModelName, ModelSpec]]:
+        from ray import serve
+
+        from deployments.runtime import read_spec
+
+        status = {name: _app_state(app) for name, app in serve.status().applications.items()}
+        specs = {}
+        for model, app in self._settings.model_apps.items():
+            raw = read_spec(app) if app in status else None
+            if raw:
+                try:
+                    specs[model] = ModelSpec.from_dict(raw)
+                except (KeyError, TypeError, ValueError):
+                    logger.warning("Ignoring the malformed spec of app %s: %r", app, raw)
+        return status, specs
+
+    async def state(self, model: ModelName) -> AppState:
+        """Serve's view of the model's app (cached for a couple of seconds)."""
+        await self.refresh()
+        return self._status.get(self._settings.model_apps[model], NOT_DEPLOYED)
 
     async def available(self, model: ModelName) -> bool:
         """Whether the model's app exists and has at least one running replica."""
         return (await self.state(model)).running
 
-    async def state(self, model: ModelName) -> AppState:
-        """Serve's view of the model's app (cached for a couple of seconds)."""
-        async with self._status_lock:
-            if time.monotonic() - self._status_at > self._STATUS_TTL_S:
-                self._status = await asyncio.to_thread(self._read_status)
-                self._status_at = time.monotonic()
-        return self._status.get(self._settings.model_apps[model], NOT_DEPLOYED)
+    async def spec(self, model: ModelName) -> Optional[ModelSpec]:
+        """The spec the model's app published, or None while none has been seen."""
+        await self.refresh()
+        return self._specs.get(model)
 
-    @staticmethod
-    def _read_status() -> Dict[str, AppState]:
-        from ray import serve
+    async def specs(self) -> Dict[ModelName, ModelSpec]:
+        """Every configured model's spec seen so far, in `model_apps` order."""
+        await self.refresh()
+        return {m: self._specs[m] for m in self._settings.model_apps if m in self._specs}
 
-        return {name: _app_state(app) for name, app in serve.status().applications.items()}
+    async def resolve(self, requested: str) -> str:
+        """Maps a request's `model` to "auto" or a configured model name (names, then aliases).
+
+        Raises:
+            UnknownModelError: Neither a model nor an alias of one.
+        """
+        if requested in AUTO_NAMES:
+            return AUTO
+        if requested in self._settings.model_apps:
+            return requested
+        specs = await self.specs()
+        for model, spec in specs.items():
+            if requested.lower() in (alias.lower() for alias in spec.aliases):
+                return model
+        names = [*AUTO_NAMES, *self._settings.model_apps, *(a for s in specs.values() for a in s.aliases)]
+        raise UnknownModelError(f"Got {requested!r} for model; expected one of {names}.")
+
+    # -- choosing --------------------------------------------------------------------------------
+
+    async def choose(self, requested: str, task: str, language: Optional[str], probability: Optional[float]) -> Tuple[ModelName, str]:
+        """The model for a request and why (see `choose_model`)."""
+        return choose_model(self._settings, await self.specs(), requested, task, language, probability)
+
+    async def needs_language_id(self, requested: str, task: str) -> bool:
+        """Whether the ingress must identify the language before routing.
+
+        Not when every way this request could be routed ends at one model that identifies the
+        language itself (an explicit choice of such a model, or the only model that translates).
+        """
+        specs = await self.specs()
+        if requested != AUTO:
+            outcomes = {requested}
+        else:
+            settings = self._settings
+            outcomes = set()
+            for language, probability in [(None, None), *((lang, 1.0) for lang in settings.routes)]:
+                try:
+                    outcomes.add(choose_model(settings, specs, AUTO, task, language, probability)[0])
+                except ModelUnavailableError:
+                    pass
+        return not (len(outcomes) == 1 and (spec := specs.get(next(iter(outcomes)))) is not None and spec.detects_language)
+
+    def check_explicit(self, model: ModelName, spec: Optional[ModelSpec], opts: TranscribeOptions) -> None:
+        """Refuses options the explicitly chosen model does not honour (unknown spec: the app judges).
+
+        Raises:
+            UnsupportedOptionError: Naming the option and the model.
+        """
+        refused = unhonoured_options(spec, opts) if spec is not None else []
+        if refused:
+            raise UnsupportedOptionError(
+                f"{describe_unhonoured(refused, opts)} {_honoured_by(refused[0].option, self._specs_now(), model)}".strip(),
+                option=refused[0].option,
+            )
+
+    # -- calling ---------------------------------------------------------------------------------
 
     async def call(self, model: ModelName, method: str, *args) -> dict:
         """Calls `method` on the model app's ingress deployment, bounded by the request timeout.
@@ -112,24 +205,105 @@ class ModelRouter:
             response.cancel()
             raise TimeoutError(f"{model} did not answer within {self._settings.request_timeout_s} s.") from None
 
-    async def transcribe(self, model: ModelName, audio: np.ndarray, options: dict) -> RoutedResult:
+    async def transcribe(self, model: ModelName, audio: np.ndarray, opts: TranscribeOptions, *, explicit: bool, why: str) -> RoutedResult:
         """Transcribes with `model`, falling back to the configured fallback model on failure.
 
-        Errors in the request itself (bad audio, bad options) are not retried elsewhere.
+        Options the serving model does not honour are refused when the client chose it
+        (`explicit`), and otherwise left out with a warning. Errors in the request itself (bad
+        audio, bad options) are not retried elsewhere.
         """
+        spec = await self.spec(model)
+        if explicit:
+            self.check_explicit(model, spec, opts)
         try:
-            return RoutedResult(await self.call(model, "transcribe", audio, options), model, [])
+            return await self._transcribe_with(model, spec, audio, opts, why=why, fell_back=False)
         except (InvalidAudioError, InvalidOptionsError):
             raise
         except Exception as e:
             fallback = self._settings.fallback_model
             if fallback is None or fallback == model:
                 raise
+            fallback_spec = await self.spec(fallback)
+            if fallback_spec is not None and opts.task not in fallback_spec.tasks:
+                raise
             reason = _describe(e)
             logger.warning("Falling back from %s to %s: %s", model, fallback, reason)
             warning = f"{model} could not serve this request ({reason}); it was served by {fallback} instead."
-            result = await self.call(fallback, "transcribe", audio, options)
-            return RoutedResult(result, fallback, [warning])
+            routed = await self._transcribe_with(fallback, fallback_spec, audio, opts, why=f"fallback from {model}", fell_back=True)
+            return routed._replace(warnings=[warning, *routed.warnings])
+
+    async def _transcribe_with(self, model: ModelName, spec: Optional[ModelSpec], audio: np.ndarray, opts: TranscribeOptions, *, why: str, fell_back: bool) -> RoutedResult:
+        warnings = []
+        left_out = unhonoured_options(spec, opts) if spec is not None else []
+        for item in left_out:
+            value = getattr(opts, item.option)
+            warnings.append(
+                f"Option {item.option}={value!r} was not applied: {item.reason} ({model} serves this request: {why}). "
+                + _honoured_by(item.option, self._specs_now(), model)
+            )
+        opts = without_options(opts, [item.option for item in left_out])
+        result = await self.call(model, "transcribe", audio, opts.to_dict())
+        return RoutedResult(result, model, [w.strip() for w in warnings], fell_back)
+
+    def _specs_now(self) -> Dict[ModelName, ModelSpec]:
+        return {m: self._specs[m] for m in self._settings.model_apps if m in self._specs}
+
+
+def choose_model(
+    settings: IngressSettings,
+    specs: Dict[ModelName, ModelSpec],
+    requested: str,
+    task: str,
+    language: Optional[str],
+    probability: Optional[float],
+) -> Tuple[ModelName, str]:
+    """The model for a request and why.
+
+    Args:
+        specs: The deployed models' specs (`ModelRouter.specs`).
+        requested: "auto" or a model name (after `ModelRouter.resolve`).
+        task: "transcribe" or "translate": auto routing only picks a model whose spec has it.
+        language: The client's language, or the detected one.
+        probability: Detection confidence; None when the client named the language.
+
+    Raises:
+        ModelUnavailableError: Auto routing found no deployed model for the task.
+    """
+    if requested != AUTO:
+        return requested, "requested"
+    if language is None:
+        model, reason = settings.default_model, "no speech detected"
+    elif probability is not None and probability < settings.language_id.threshold:
+        model, reason = settings.default_model, f"language {language} detected with low confidence {probability:.2f}"
+    else:
+        model, reason = settings.route(language), f"language {language}"
+    if task == "transcribe" or task in _tasks(specs, model):
+        return model, reason
+    for candidate in _ordered(settings, (settings.default_model, settings.fallback_model, *settings.model_apps)):
+        if task in _tasks(specs, candidate):
+            return candidate, f"{reason}; {model} does not {task}, {candidate} does"
+    raise ModelUnavailableError(f"No deployed model can {task}; deployed: {sorted(specs)}.")
+
+
+def _tasks(specs: Dict[ModelName, ModelSpec], model: ModelName) -> Tuple[str, ...]:
+    spec = specs.get(model)
+    return spec.tasks if spec is not None else ()
+
+
+def _ordered(settings: IngressSettings, models: Iterable[Optional[ModelName]]) -> List[ModelName]:
+    return list(dict.fromkeys(m for m in models if m is not None and m in settings.model_apps))
+
+
+def _honoured_by(option: str, specs: Dict[ModelName, ModelSpec], model: ModelName) -> str:
+    """A hint for a refused or left-out option: which deployed models honour it."""
+    probe = {"task": "translate"}.get(option)
+    others = [
+        m for m, s in specs.items()
+        if m != model and (probe in s.tasks if probe else option == "language" or option in s.options)
+    ]
+    if not others or option == "language":
+        return ""
+    return f"{' and '.join(others)} {'honours' if len(others) == 1 else 'honour'} it: ask for it with model={others[0]}."
 
 
 def _app_state(app) -> AppState:
@@ -157,20 +331,3 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, ModelUnavailableError):
         return _last_line(str(exc))
     return f"{type(exc).__name__}: {_last_line(str(exc))}".rstrip(": ")
-
-
-def choose_model(settings: IngressSettings, requested: str, language: Optional[str], probability: Optional[float]) -> Tuple[ModelName, str]:
-    """The model for a request and why.
-
-    Args:
-        requested: "auto", "belle2" or "whisperx" (after `resolve_alias`).
-        language: The client's language, or the detected one.
-        probability: Detection confidence; None when the client named the language.
-    """
-    if requested != "auto":
-        return requested, "requested"
-    if language is None:
-        return settings.default_model, "no speech detected"
-    if probability is not None and probability < settings.language_id.threshold:
-        return settings.default_model, f"language {language} detected with low confidence {probability:.2f}"
-    return settings.route(language), f"language {language}"

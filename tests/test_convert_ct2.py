@@ -1,4 +1,4 @@
-"""Tests for deployments/belle2/convert_ct2.py (CTranslate2 Whisper -> transformers).
+"""Tests for runtime_envs/convert_ct2.py (CTranslate2 Whisper -> transformers).
 
 The fast tests need only numpy and run in the ingress venv. The slow test
 converts the real faster-whisper checkpoint with the belle2 venv (which has
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CONVERTER = ROOT / "deployments" / "belle2" / "convert_ct2.py"
+CONVERTER = ROOT / "runtime_envs" / "convert_ct2.py"
 BELLE2_VENV = Path(os.environ.get("KLIPNOTE_VENV_BELLE2", ROOT / ".venvs" / "belle2"))
 BELLE2_PYTHON = BELLE2_VENV / "bin" / "python"
 CT2_MODEL = Path(os.environ.get("KLIPNOTE_MODEL_CT2", ROOT / "models" / "faster-whisper-base"))

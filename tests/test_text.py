@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.belle2.text import ScriptConverter, collapse_repetitions, has_repetition_loop
+from deployments.text import ScriptConverter, collapse_repetitions, has_repetition_loop
 
 # Degenerate Whisper output seen in the wild: a unit repeated until the token budget runs out.
 LOOPS = [

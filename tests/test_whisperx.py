@@ -18,8 +18,8 @@ import httpx
 import numpy as np
 import pytest
 
-from deployments.contract import InvalidOptionsError, ModelUnavailableError
-from deployments.whisperx.app import audio_windows
+from deployments.contract import InvalidOptionsError, ModelUnavailableError, UnsupportedOptionError
+from deployments.whisperx.stages import audio_windows
 from tests.conftest import ROOT
 from tests.textnorm import wer
 
@@ -190,13 +190,15 @@ def test_diarization_without_a_configured_model_is_a_clear_error(serve_cluster, 
 
     handle = serve.get_app_handle("whisperx")
     audio = decode(data_dir / "en_jfk.flac")
-    with pytest.raises(InvalidOptionsError, match="no diarization_model configured"):
+    # without a diarization_model its spec lists no speaker options, so the app refuses them
+    assert handle.spec.remote().result()["capabilities"]["speakers"] is False
+    with pytest.raises(UnsupportedOptionError, match="whisperx does not label speakers"):
         handle.transcribe.remote(audio, {"diarize": True}).result()
+    with pytest.raises(UnsupportedOptionError, match="max_speakers=2, but whisperx does not label speakers"):
+        handle.transcribe.remote(audio, {"max_speakers": 2}).result()
     # TranscribeOptions itself: the range is checked before any model runs.
     with pytest.raises(InvalidOptionsError, match=r"min_speakers=3 > max_speakers=2"):
         handle.transcribe.remote(audio, {"diarize": True, "min_speakers": 3, "max_speakers": 2}).result()
-    with pytest.raises(InvalidOptionsError, match="speaker counts only apply when diarizing"):
-        handle.transcribe.remote(audio, {"max_speakers": 2}).result()
     # the app keeps serving
     assert "ask not" in handle.transcribe.remote(audio, {}).result()["segments"][0]["text"].lower()
 
@@ -205,6 +207,9 @@ def test_diarization_model_that_cannot_load_is_a_clear_error(whisperx_probe, dat
     audio = decode(data_dir / "en_jfk.flac")
     with pytest.raises(ModelUnavailableError, match="diarization_model .*no-such-diarization-pipeline.* could not be loaded"):
         whisperx_probe.transcribe.remote(audio, {"language": "en", "diarize": True}).result()
+    # with a diarization_model configured, speaker counts are honoured, and checked
+    with pytest.raises(InvalidOptionsError, match="speaker counts only apply when diarizing"):
+        whisperx_probe.transcribe.remote(audio, {"language": "en", "max_speakers": 2}).result()
 
 
 def test_memory_reports_the_replica(serve_cluster):

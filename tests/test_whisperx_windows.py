@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deployments.whisperx.app import WhisperXArgs, _shifted, audio_windows
+from deployments.whisperx.core import WhisperXArgs
+from deployments.whisperx.stages import audio_windows, shifted as _shifted
 
 SR = 16_000
 

@@ -19,6 +19,32 @@ from types import SimpleNamespace
 from typing import Any, Iterator, Optional
 
 
+class SelfAttentionOnlyReorder:
+    """`reorder_self_attention_only` inside `active()`, the cache's own reorder outside it.
+
+    Installed as the model's `_reorder_cache`; outside `active()` it does what transformers does
+    for a model without one (`GenerationMixin._beam_search`: `cache.reorder_cache(beam_idx)`).
+    """
+
+    def __init__(self, model: Any):
+        self._local = threading.local()
+        model._reorder_cache = self
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        self._local.active = True
+        try:
+            yield
+        finally:
+            self._local.active = False
+
+    def __call__(self, cache: Any, beam_idx: Any) -> Any:
+        if getattr(self._local, "active", False):
+            return reorder_self_attention_only(cache, beam_idx)
+        cache.reorder_cache(beam_idx)
+        return cache
+
+
 def reorder_self_attention_only(cache: Any, beam_idx: Any) -> Any:
     """Beam-search cache reordering that leaves the cross-attention cache in place.
 
@@ -238,8 +264,17 @@ class SuppressionMaskCache:
 
     def __init__(self, model: Any, *, enabled: bool = True):
         self.hits = 0
+        self._local = threading.local()
         if enabled:
             model._retrieve_logit_processors = self._wrap(model._retrieve_logit_processors)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        self._local.active = True
+        try:
+            yield
+        finally:
+            self._local.active = False
 
     def _wrap(self, retrieve):
         from transformers.generation.logits_process import (
@@ -271,7 +306,9 @@ class SuppressionMaskCache:
         @functools.wraps(retrieve)
         def retrieve_logit_processors(*args, **kwargs):
             processors = retrieve(*args, **kwargs)
-            return None if processors is None else [cached(p) for p in processors]
+            if processors is None or not getattr(self._local, "active", False):
+                return processors
+            return [cached(p) for p in processors]
 
         return retrieve_logit_processors
 

@@ -32,3 +32,30 @@ def use_onednn_linears(model: Any) -> int:
                 setattr(parent, name, MkldnnLinear(child, torch.float32))
                 swapped += 1
     return swapped
+
+
+def use_dense_linears(model: Any) -> int:
+    """Undoes `use_onednn_linears`: every oneDNN linear back to a plain `nn.Linear`; returns how many.
+
+    The output layer gets its weights back from the token embedding it was tied to, where they
+    are equal, so an undo costs no memory there.
+    """
+    import torch
+    from torch.utils.mkldnn import MkldnnLinear
+
+    embedding = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+    restored = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, MkldnnLinear):
+                weight = child.weight.to_dense()
+                dense = torch.nn.Linear(weight.shape[1], weight.shape[0])  # MkldnnLinear always has a bias (zeros if none)
+                with torch.no_grad():
+                    if embedding is not None and embedding.shape == weight.shape and torch.equal(embedding, weight):
+                        dense.weight = embedding
+                    else:
+                        dense.weight.copy_(weight)
+                    dense.bias.copy_(child.bias.to_dense())
+                setattr(parent, name, dense)
+                restored += 1
+    return restored

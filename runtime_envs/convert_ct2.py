@@ -17,7 +17,7 @@ CTranslate2's ``WhisperLoader`` (``ctranslate2/converters/transformers.py``):
 
 Usage::
 
-    python deployments/belle2/convert_ct2.py SRC_CT2_DIR DST_HF_DIR [--dtype float16]
+    python runtime_envs/convert_ct2.py SRC_CT2_DIR DST_HF_DIR [--dtype float16]
 """
 
 from __future__ import annotations

@@ -1,0 +1,264 @@
+"""BELLE-2 model core: Hugging Face transformers Whisper decoding Mandarin, without Ray.
+
+Long audio is cut into <= 30 s windows at speech boundaries (silero VAD, the ONNX model inside
+faster-whisper, offline) and the windows are decoded in batches, instead of transformers'
+sequential long-form decoding, which runs one window after another. Everything around decoding
+(options, text cleaning, the result, info) is the shared base's (`deployments/core.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import wave
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from deployments.belle2.speedups import Speedups
+from deployments.belle2.windows import Window, plan_windows, remaining_window
+from deployments.contract import SAMPLE_RATE, ModelInfo, ModelSpec, Segment, TranscribeOptions
+from deployments.core import Decoded, DecodeRequest, ModelAppArgs, ModelCore, set_torch_threads, spec_options
+from deployments.pinned_decode import transformers_generate_kwargs, transformers_window_tokens
+
+logger = logging.getLogger(__name__)
+
+WINDOW_SECONDS = 30
+# Speech the decoder left undecoded at the end of a window (an early end-of-text) is decoded
+# again from where it stopped, when there is at least this much of it, at most this many times.
+FOLLOW_UP_MIN_SPEECH_S = 0.5
+MAX_FOLLOW_UPS = 2
+WARMUP_TOKENS = 8
+CHECK_CLIP = Path(__file__).with_name("selfcheck_zh.wav")
+"""5 s of read Mandarin (PaddleSpeech's zh.wav, Apache-2.0; tests/data/README.md) for the
+warm-up self-check of the speed-ups."""
+
+
+class Belle2Args(ModelAppArgs):
+    """Settings of the BELLE-2 application, filled from the Serve config's `args:`."""
+
+    model: str = Field("BELLE-2/Belle-whisper-large-v3-zh", description="Hugging Face model id or a local directory in transformers format.")
+    compute_type: str = Field("default", description="'float16', 'float32', or 'default': float16 on cuda, float32 on cpu.")
+    batch_size: int = Field(8, ge=1, description="Windows of up to 30 s decoded together.")
+    compression_ratio_threshold: float = Field(2.4, gt=0, description="A window whose text compresses better than this is decoded again at the next temperature.")
+    logprob_threshold: float = Field(-1.0, description="A window whose average log-probability is below this is decoded again at the next temperature.")
+    no_speech_threshold: float = Field(0.6, ge=0, le=1, description="With a low log-probability, a window whose no-speech probability exceeds this is dropped as silence.")
+    condition_on_previous_text: bool = Field(False, description="Feed each window the previous one's text; off because it lets a loop carry over.")
+    vad_threshold: float = Field(0.35, gt=0, lt=1, description="Silero speech probability threshold; below faster-whisper's 0.5, which missed 22 s of a softly read poem (the decoder's no-speech check judges the rest).")
+    vad_min_silence_ms: int = Field(500, ge=0, description="Silence that ends a speech span.")
+    window_pad_ms: int = Field(200, ge=0, description="Context added around each window where there is room.")
+    decoding_shortcuts: bool = Field(True, description="Read no-speech from the prompt pass, build suppression masks once per call, project, cache and read the beams' shared cross-attention keys and values once per input, reorder only the self-attention cache (deployments/belle2/decoding.py); the same tokens, off only to measure what they save. Guarded: off, with a warning in info(), outside the verified transformers versions or when the warm-up self-check sees a token change (deployments/belle2/speedups.py).")
+    onednn_linears: bool = Field(True, description="On CPU, run every linear layer on oneDNN rather than MKL's sgemm (deployments/belle2/onednn.py): up to 2.7x as fast, most for decoding's few-row matrices; equal up to float rounding, not bit for bit. Guarded like decoding_shortcuts.")
+    decoder_cpu_threads: int = Field(0, ge=0, description="Threads for the decoding steps on CPU, when fewer than `cpu_threads` serve better: each step is hundreds of small operations, and on the 2-vCPU test machine 2 threads made them slower than 1 (the encoder's large matrices keep `cpu_threads`). 0: as `cpu_threads`.")
+
+
+    @field_validator("compute_type")
+    @classmethod
+    def _check_compute_type(cls, v: str) -> str:
+        if v not in ("default", "float16", "float32"):
+            raise ValueError(f"Got {v!r} for compute_type; expected 'default', 'float16' or 'float32'.")
+        return v
+
+
+class Belle2Core(ModelCore):
+    """BELLE-2 (or any transformers Whisper checkpoint) decoding Mandarin."""
+
+    spec = ModelSpec(
+        name="belle2",
+        description="BELLE-2 Whisper large-v3 fine-tuned for Mandarin (transformers): forced zh, beam search, temperature fallback.",
+        languages=("zh",),
+        tasks=("transcribe",),
+        options=spec_options("initial_prompt", "temperature", "beam_size", "script"),
+        detects_language=False,
+        aliases=("belle-2",),
+    )
+    Args = Belle2Args
+    packages = ("torch", "transformers", "tokenizers", "opencc", "faster-whisper")
+
+    def load(self) -> None:
+        import torch
+        from faster_whisper.vad import VadOptions
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        args = self.args
+        self._torch = torch
+        compute_type = args.compute_type if args.compute_type != "default" else ("float16" if self.device == "cuda" else "float32")
+        self._dtype = {"float16": torch.float16, "float32": torch.float32}[compute_type]
+        cpu = self.device == "cpu"
+        self._encoder_threads = args.cpu_threads if cpu else 0
+        self._decoder_threads = (args.decoder_cpu_threads or args.cpu_threads) if cpu else 0
+        load = dict(cache_dir=args.model_cache, local_files_only=args.local_files_only)
+        self._processor = WhisperProcessor.from_pretrained(args.model, **load)
+        self._model = WhisperForConditionalGeneration.from_pretrained(
+            args.model, dtype=self._dtype, attn_implementation="sdpa", **load
+        ).to(self.device).eval()
+        if self._decoder_threads != self._encoder_threads:
+            self._encode_on_all_threads()
+        self.speedups = Speedups(
+            self._model, shortcuts=args.decoding_shortcuts, onednn=cpu and args.onednn_linears, warn=self.warn_at_start
+        )
+        self._vad_options = VadOptions(
+            threshold=args.vad_threshold,
+            min_silence_duration_ms=args.vad_min_silence_ms,
+            max_speech_duration_s=WINDOW_SECONDS - 1,
+            speech_pad_ms=0,
+        )
+
+    def decode_threads(self) -> int:
+        return getattr(self, "_decoder_threads", 0)
+
+    def describe(self) -> ModelInfo:
+        return ModelInfo(engine="transformers", compute_type=str(self._dtype).replace("torch.", ""))
+
+    def _encode_on_all_threads(self) -> None:
+        """Runs the encoder on `cpu_threads` while decoding steps keep `decoder_cpu_threads`."""
+        encoder = self._model.get_encoder()
+        forward = encoder.forward
+
+        @functools.wraps(forward)
+        def forward_on_all_threads(*args, **kwargs):
+            set_torch_threads(self._encoder_threads)
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                set_torch_threads(self._decoder_threads)
+
+        encoder.forward = forward_on_all_threads
+
+    def warm_up(self) -> None:
+        if self.speedups.needs_check:  # decodes real speech: a warm-up too
+            clip = read_check_clip()
+            # Two different windows, beam 2: every shortcut has something to share or skip.
+            chunks, opts = [clip, clip[: clip.size * 3 // 5]], TranscribeOptions(beam_size=2)
+            self.speedups.self_check(lambda: self._generate(chunks, opts)["sequences"].tolist())
+            logger.info("BELLE-2 speed-ups after the self-check: %s", self.speedups.counts())
+            return
+        # A few tokens are enough to initialise everything; silence decoded in full ran to the
+        # length limit (13 s of replica start-up on CPU).
+        silence = [np.zeros(SAMPLE_RATE, dtype=np.float32)]
+        self._generate(silence, TranscribeOptions(beam_size=1, temperature=(0.0,)), max_new_tokens=WARMUP_TOKENS)
+
+    def speedup_counts(self) -> Dict[str, int]:
+        """How often each decoding shortcut has applied since start, and how many linear layers
+        run on oneDNN (`Speedups.counts`); the warm-up self-check's own decodes included."""
+        return self.speedups.counts()
+
+    # -- decoding ------------------------------------------------------------------------------
+
+    def decode(self, request: DecodeRequest) -> Decoded:
+        audio, opts = request.audio, request.options
+        speech = self._speech(audio)
+        windows = self._windows(speech, audio.size)
+        segments: List[Segment] = []
+        pinned = self.args.pinned_decode_tokens
+        # A pinned window ends wherever random timestamps put it: no follow-up pass (or its work) then.
+        for _ in range(1 if pinned else 1 + MAX_FOLLOW_UPS):
+            left_over: List[Window] = []
+            for first in range(0, len(windows), self.args.batch_size):
+                batch = windows[first : first + self.args.batch_size]
+                out = self._generate([audio[w.start : w.end] for w in batch], opts)
+                if pinned:
+                    request.window_tokens.extend(transformers_window_tokens(out["sequences"].tolist(), self._processor.tokenizer))
+                for window, window_segments in zip(batch, out["segments"]):
+                    placed = self._place(window, window_segments, audio.size)
+                    segments.extend(placed)
+                    rest = self._remaining(window, placed, speech)
+                    if rest is not None:
+                        left_over.append(rest)
+            if not left_over:
+                break
+            logger.info("Decoding again the speech left after an early end in %d window(s).", len(left_over))
+            windows = left_over
+        segments.sort(key=lambda s: s["start"])
+        return Decoded(segments=_without_overlaps(segments), language="zh")
+
+    def _speech(self, audio: np.ndarray) -> List[dict]:
+        from faster_whisper.vad import get_speech_timestamps
+
+        return get_speech_timestamps(audio, vad_options=self._vad_options, sampling_rate=SAMPLE_RATE)
+
+    def _windows(self, speech: List[dict], total_samples: int) -> List[Window]:
+        return plan_windows(
+            speech,
+            total_samples=total_samples,
+            max_samples=WINDOW_SECONDS * SAMPLE_RATE,
+            pad_samples=self.args.window_pad_ms * SAMPLE_RATE // 1000,
+        )
+
+    def _generate(self, chunks: List[np.ndarray], opts: TranscribeOptions, max_new_tokens: Optional[int] = None) -> Dict[str, Any]:
+        """transformers' `generate` on up to `batch_size` windows at once (sequences and segments)."""
+        features = self._processor.feature_extractor(
+            chunks, sampling_rate=SAMPLE_RATE, return_tensors="pt"
+        ).input_features.to(self.device, self._dtype)
+        prompt_ids = None
+        if opts.initial_prompt:
+            prompt_ids = self._processor.get_prompt_ids(opts.initial_prompt, return_tensors="pt").to(self.device)
+        settings = dict(
+            temperature=opts.temperature if len(opts.temperature) > 1 else opts.temperature[0],
+            compression_ratio_threshold=self.args.compression_ratio_threshold,
+            logprob_threshold=self.args.logprob_threshold,
+            no_speech_threshold=self.args.no_speech_threshold,
+        )
+        if self.args.pinned_decode_tokens:
+            settings.update(transformers_generate_kwargs(self.args.pinned_decode_tokens))
+        elif max_new_tokens:
+            settings["max_new_tokens"] = max_new_tokens
+        with self._torch.inference_mode(), self.speedups.active():
+            return self._model.generate(
+                features,
+                language="zh",
+                task=opts.task,
+                num_beams=opts.beam_size,
+                do_sample=False,
+                **settings,
+                condition_on_prev_tokens=self.args.condition_on_previous_text,
+                prompt_ids=prompt_ids,
+                return_timestamps=True,
+                return_segments=True,
+            )
+
+    def _remaining(self, window: Window, placed: List[Segment], speech: List[dict]) -> Optional[Window]:
+        if not placed:  # nothing decoded (silence, or skipped as no speech): the same again would be too
+            return None
+        return remaining_window(
+            window,
+            int(max(s["end"] for s in placed) * SAMPLE_RATE),
+            speech,
+            min_speech_samples=int(FOLLOW_UP_MIN_SPEECH_S * SAMPLE_RATE),
+        )
+
+    def _place(self, window: Window, raw_segments: list, total_samples: int) -> List[Segment]:
+        """Turns a window's segments into absolute times, clipped to the window."""
+        offset = window.start / SAMPLE_RATE
+        limit = min(window.end, total_samples) / SAMPLE_RATE
+        placed = []
+        for raw in raw_segments:
+            text = self._processor.tokenizer.decode(raw["tokens"], skip_special_tokens=True).strip()
+            if not text:
+                continue
+            start = min(offset + float(raw["start"]), limit)
+            end = min(max(offset + float(raw["end"]), start), limit)
+            placed.append(Segment(start=round(start, 3), end=round(end, 3), text=text))
+        return placed
+
+
+def _without_overlaps(segments: List[Segment]) -> List[Segment]:
+    """Sorted segments with each start moved to the previous end where padded windows overlapped."""
+    out: List[Segment] = []
+    for seg in segments:
+        if out and seg["start"] < out[-1]["end"]:
+            seg = Segment(start=out[-1]["end"], end=max(seg["end"], out[-1]["end"]), text=seg["text"])
+        out.append(seg)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def read_check_clip() -> np.ndarray:
+    """The self-check clip as 16 kHz mono float32 (stdlib `wave`: no PyAV needed)."""
+    with wave.open(str(CHECK_CLIP), "rb") as f:
+        if (f.getnchannels(), f.getsampwidth(), f.getframerate()) != (1, 2, SAMPLE_RATE):
+            raise ValueError(f"{CHECK_CLIP} must be 16-bit mono {SAMPLE_RATE} Hz.")
+        frames = f.readframes(f.getnframes())
+    return np.frombuffer(frames, dtype="<i2").astype(np.float32) / 32768.0

@@ -1,0 +1,431 @@
+"""The base of every model plug-in, without Ray: what all models share around their own decoding.
+
+A model plug-in is a `ModelCore` subclass that declares its `spec` and `Args` and implements
+`load` and `decode`; everything else a model app does is here, once:
+
+- settings validated from a dict (`Args`, a `ModelAppArgs` subclass);
+- device choice, GPU memory cap and CPU threads;
+- loading with a clear load error (`ModelUnavailableError` naming the model and the cause);
+- a warm-up, timed and logged, whose failure costs latency only;
+- options parsed once, those the spec does not honour reported in `warnings`, never dropped;
+- text post-processing for every model (repetition guard, Chinese script: `deployments/text.py`);
+- the result envelope (`TranscriptionResult`), model info, the pinned-decode report;
+- `info()`, `check_health()` and `memory()`.
+
+It imports the standard library, numpy and pydantic only, so the model core runs without Ray
+or Serve (bench/, the GPU check); `deployments/replica.py` puts a core behind Serve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import logging
+import os
+import platform
+import sys
+import time
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple, Type, Union
+
+import numpy as np
+from pydantic import BaseModel, Field, field_validator
+
+from deployments.contract import (
+    SAMPLE_RATE,
+    EnvInfo,
+    InvalidAudioError,
+    ModelInfo,
+    ModelSpec,
+    ModelUnavailableError,
+    Segment,
+    TranscribeOptions,
+    TranscriptionResult,
+    UnsupportedOptionError,
+    describe_unhonoured,
+    unhonoured_options,
+)
+from deployments.pinned_decode import MAX_PINNED_DECODE_TOKENS, report_pinned
+from deployments.text import TextPostProcessor
+
+logger = logging.getLogger(__name__)
+
+
+class ModelAppArgs(BaseModel):
+    """Settings every model application has, filled from the Serve config's `args:`."""
+
+    model: str = Field(..., description="Model id or local directory; each plug-in sets its default.")
+    device: str = Field("auto", description="'cuda', 'cpu' or 'auto' (cuda when available).")
+    model_cache: Optional[str] = Field(None, description="Hugging Face cache directory for downloaded models.")
+    local_files_only: bool = Field(False, description="Never reach the hub; load from the cache or a local directory only.")
+    gpu_memory_fraction: Optional[float] = Field(None, gt=0, le=1, description="Share of the GPU this replica may use; default: its Ray num_gpus.")
+    cpu_threads: int = Field(0, ge=0, description="CPU threads for decoding, set in every decoding thread (`set_torch_threads`); 0 keeps the library's default.")
+    max_audio_seconds: float = Field(4 * 3600, gt=0, description="Longest audio accepted.")
+    pinned_decode_tokens: Optional[int] = Field(
+        None,
+        ge=1,
+        le=MAX_PINNED_DECODE_TOKENS,
+        description="Benchmark only, for random weights (bench/random_whisper.py): every window decodes exactly this "
+        "many tokens, once, at one temperature, none skipped as silence; results say so in `warnings` "
+        "(deployments/pinned_decode.py). None decodes normally.",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"Got {v!r} for device; expected 'auto', 'cpu' or 'cuda'.")
+        return v
+
+
+@dataclasses.dataclass
+class Decoded:
+    """What a plug-in's `decode` returns: segments in file time and the language it decoded."""
+
+    segments: List[Segment]
+    language: str
+    language_probability: Optional[float] = None
+
+
+@dataclasses.dataclass
+class DecodeRequest:
+    """One request as a plug-in's `decode` sees it: options already checked against the spec."""
+
+    audio: np.ndarray
+    """16 kHz mono float32, writable."""
+    options: TranscribeOptions
+    warnings: List[str] = dataclasses.field(default_factory=list)
+    """Append what the client should know about this result."""
+    window_tokens: List[int] = dataclasses.field(default_factory=list)
+    """With `pinned_decode_tokens`: append the tokens each window decoded."""
+
+
+class ModelCore:
+    """A loaded model and the shared pipeline around it; subclass it for a model plug-in.
+
+    Subclasses set `spec`, `Args` and `packages` and implement `load` and `decode`; they may
+    override `warm_up`, `model_spec`, `check_options`, `decode_threads` and `describe`.
+
+    Args:
+        args: The app's settings (a dict is validated with `Args`).
+        gpu_fraction: The GPU share Ray scheduled this replica with, used when the settings
+            give no `gpu_memory_fraction` (None outside Ray).
+
+    Raises:
+        ModelUnavailableError: The device or the model cannot be had; the message says why.
+    """
+
+    spec: ClassVar[ModelSpec]
+    Args: ClassVar[Type[ModelAppArgs]] = ModelAppArgs
+    packages: ClassVar[Tuple[str, ...]] = ()
+    """Distributions whose versions `info()` reports."""
+
+    def __init__(self, args: Union[ModelAppArgs, Mapping[str, Any], None] = None, *, gpu_fraction: Optional[float] = None):
+        self.args = args if isinstance(args, self.Args) else self.Args.model_validate(dict(args or {}))
+        self.start_warnings: List[str] = []
+        configure_offline(self.args.model_cache)
+        started = time.perf_counter()
+        self.device = resolve_device(self.args.device)
+        self.gpu_fraction = None
+        if self.device == "cuda":
+            self.gpu_fraction = cap_torch_gpu_memory(self.args.gpu_memory_fraction or gpu_fraction or 1.0)
+        set_torch_threads(self.decode_threads())
+        try:
+            self.load()
+        except ModelUnavailableError:
+            raise
+        except Exception as e:
+            where = f"offline, cache {self.args.model_cache}" if self.args.local_files_only else "hub or cache"
+            raise ModelUnavailableError(
+                f"{self.spec.name} app could not load model {self.args.model!r} ({where}): {type(e).__name__}: {e}"
+            ) from e
+        self.text = TextPostProcessor(convert_script="script" in self.spec.options)
+        self.load_time_s = time.perf_counter() - started
+        logger.info("Loaded %s (%s) on %s in %.1f s.", self.spec.name, self.args.model, self.device, self.load_time_s)
+        self._loaded = True
+        started = time.perf_counter()
+        try:
+            self.warm_up()
+            logger.info("Warm-up took %.2f s.", time.perf_counter() - started)
+        except Exception:  # a failed warm-up costs latency on the first request, nothing else
+            logger.exception("Warm-up failed.")
+
+    # -- what a plug-in implements ---------------------------------------------------------------
+
+    def load(self) -> None:
+        """Loads the model onto `self.device`; any exception becomes a clear load error."""
+        raise NotImplementedError
+
+    def decode(self, request: DecodeRequest) -> Decoded:
+        """Turns audio and options into segments (text cleaning and the envelope come after)."""
+        raise NotImplementedError
+
+    def warm_up(self) -> None:
+        """Runs the model once so that the first request does not pay for initialisation."""
+
+    def model_spec(self) -> ModelSpec:
+        """The spec this replica serves under (a plug-in may refine `spec` from its settings)."""
+        return self.spec
+
+    def check_options(self, opts: TranscribeOptions) -> None:
+        """Raises `InvalidOptionsError` for options this replica cannot serve as configured."""
+
+    def decode_threads(self) -> int:
+        """CPU threads each decoding thread runs on (0: the library's default)."""
+        return self.args.cpu_threads if self.device == "cpu" else 0
+
+    def describe(self) -> ModelInfo:
+        """Engine and compute type for the result's model info."""
+        return ModelInfo(engine=self.spec.name, compute_type="")
+
+    # -- the shared pipeline ---------------------------------------------------------------------
+
+    def transcribe(self, audio: np.ndarray, options: Optional[Mapping[str, Any]] = None) -> TranscriptionResult:
+        """Transcribes 16 kHz mono float32 audio; runs in the caller's thread.
+
+        Args:
+            audio: The waveform.
+            options: `TranscribeOptions.to_dict()`. Options the spec does not honour are not
+                applied, and the result's `warnings` says which and why.
+
+        Returns:
+            A `TranscriptionResult` made of builtins only.
+
+        Raises:
+            InvalidAudioError: The waveform is unusable.
+            InvalidOptionsError: The options are malformed or ask for what is not configured.
+        """
+        request = self.prepare(audio, options)
+        set_torch_threads(self.decode_threads())  # worker threads start from OMP_NUM_THREADS
+        decoded = self.decode(request)
+        return self.envelope(request, decoded)
+
+    def prepare(self, audio: np.ndarray, options: Optional[Mapping[str, Any]]) -> DecodeRequest:
+        """Checks audio and options.
+
+        A caller of the model app has chosen this model, so an option its spec does not honour is
+        refused, never dropped (the ingress, routing on its own, leaves such options out and says
+        so in the result's warnings instead).
+
+        Raises:
+            UnsupportedOptionError: An option this model does not honour.
+            InvalidOptionsError, InvalidAudioError: Malformed options or audio.
+        """
+        opts = TranscribeOptions.from_dict(options)
+        refused = unhonoured_options(self.model_spec(), opts)
+        if refused:
+            raise UnsupportedOptionError(describe_unhonoured(refused, opts), option=refused[0].option)
+        self.check_options(opts)
+        return DecodeRequest(validate_audio(audio, max_seconds=self.args.max_audio_seconds), opts)
+
+    def envelope(self, request: DecodeRequest, decoded: Decoded) -> TranscriptionResult:
+        """The result: cleaned text, duration, warnings, model info (and the pin, if any)."""
+        segments = self.text(
+            decoded.segments, language=decoded.language, script=request.options.script, warnings=request.warnings
+        )
+        model_info = self.model_info()
+        if self.args.pinned_decode_tokens:
+            report_pinned(model_info, request.warnings, self.args.pinned_decode_tokens, request.window_tokens)
+        return TranscriptionResult(
+            segments=segments,
+            language=decoded.language,
+            language_probability=decoded.language_probability,
+            duration=request.audio.size / SAMPLE_RATE,
+            warnings=request.warnings,
+            model=model_info,
+        )
+
+    def model_info(self) -> ModelInfo:
+        info = ModelInfo(
+            app=self.spec.name,
+            model=self.args.model,
+            device=self.device,
+            load_time_s=round(self.load_time_s, 3),
+            **self.describe(),
+        )
+        if self.device == "cuda":
+            import torch
+
+            info["gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+        return info
+
+    def info(self, versions: Optional[Mapping[str, str]] = None) -> EnvInfo:
+        """This replica's runtime env: interpreter, library versions, device, model, warnings."""
+        versions = versions or {}
+        return EnvInfo(
+            app=self.spec.name,
+            python=versions.get("python_version", platform.python_version()),
+            python_executable=sys.executable,
+            ray=versions.get("ray_version", "absent"),
+            packages=package_versions(self.packages),
+            device=self.device,
+            model=self.args.model,
+            loaded=self._loaded,
+            load_error=None,
+            warnings=list(self.start_warnings),
+        )
+
+    def check_health(self) -> None:
+        if not getattr(self, "_loaded", False):
+            raise ModelUnavailableError(f"{self.spec.name} model not loaded.")
+
+    def warn_at_start(self, message: str) -> None:
+        """Logs `message` loudly and lists it in `info()`'s warnings for the replica's lifetime."""
+        logger.warning("%s", message)
+        self.start_warnings.append(message)
+
+
+# -- helpers every env can use (stdlib and numpy; torch imported where needed) --------------------
+
+
+def package_versions(names) -> dict:
+    """Installed versions of the named distributions as plain strings ("absent" if missing).
+
+    `importlib.metadata` gives `str`, never a library's own version class (torch's
+    `TorchVersion` would not unpickle in an env without torch).
+    """
+    out = {}
+    for name in names:
+        try:
+            out[name] = str(importlib.metadata.version(name))
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def validate_audio(audio: np.ndarray, *, max_seconds: Optional[float] = None) -> np.ndarray:
+    """Checks a waveform and returns a writable float32 copy.
+
+    Arrays that arrive through Ray are read-only views of the object store; torch refuses
+    those (`torch.from_numpy` warns and writes would crash), so every replica copies first.
+
+    Raises:
+        InvalidAudioError: Not a 1-D float array, empty, or longer than `max_seconds`.
+    """
+    if not isinstance(audio, np.ndarray) or audio.ndim != 1:
+        shape = getattr(audio, "shape", type(audio).__name__)
+        raise InvalidAudioError(f"Got audio of shape {shape}; expected mono 1-D samples.")
+    if audio.size == 0:
+        raise InvalidAudioError("Got empty audio (0 samples).")
+    if not np.issubdtype(audio.dtype, np.floating):
+        raise InvalidAudioError(f"Got audio of dtype {audio.dtype}; expected float32 in [-1, 1].")
+    if max_seconds is not None and audio.size > max_seconds * SAMPLE_RATE:
+        raise InvalidAudioError(
+            f"Got {audio.size / SAMPLE_RATE:.1f} s of audio; this app accepts at most {max_seconds} s."
+        )
+    return np.array(audio, dtype=np.float32, copy=True)
+
+
+def configure_offline(model_cache: Optional[str]) -> None:
+    """Points the Hugging Face cache at `model_cache` (if given) for this process."""
+    if model_cache:
+        os.environ.setdefault("HF_HOME", model_cache)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' becomes 'cuda' when a GPU is visible, else 'cpu'.
+
+    Raises:
+        ModelUnavailableError: 'cuda' was configured but this replica sees no GPU.
+    """
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelUnavailableError("device 'cuda' was configured but this replica sees no GPU.")
+    return device
+
+
+def cap_torch_gpu_memory(fraction: float) -> float:
+    """Caps this process's PyTorch allocations to `fraction` of the GPU.
+
+    Ray's fractional GPUs are a scheduling label only: two replicas at 0.5 each can still take
+    the whole card. The caching allocator refuses to grow past the cap instead.
+    """
+    import torch
+
+    fraction = min(max(fraction, 0.05), 1.0)
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    logger.info("Capped this replica's GPU memory to %.2f of the device.", fraction)
+    return fraction
+
+
+def set_torch_threads(threads: int) -> None:
+    """Sets PyTorch's CPU intra-op threads for the calling thread; 0 leaves them as they are.
+
+    `torch.set_num_threads` reaches OpenMP only in the thread that calls it, and replicas decode
+    in worker threads (`asyncio.to_thread`), which start from OMP_NUM_THREADS (1 in our Serve
+    configs, so that replicas do not oversubscribe their cores). So each decoding call sets it
+    again: set only in `__init__`, a replica configured for 2 threads decoded on 1 (BELLE-2's
+    4.3 s clip took 3.4 s instead of 2.4 s).
+    """
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)  # get_num_threads() reads a process-wide value: no shortcut
+
+
+def process_memory(reset_peak: bool = False) -> dict:
+    """This process's resident memory now and at its peak (Linux /proc), as builtins.
+
+    Model replicas return it from `memory()` so that bench/ can record peak RSS per replica
+    without reaching into the cluster's processes.
+
+    Args:
+        reset_peak: First reset the peak to the current RSS (Linux `clear_refs`), so that a
+            later call reports the peak of what ran in between.
+    """
+    if reset_peak:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # "5" resets the peak RSS (VmHWM); see proc(5)
+        except OSError:
+            logger.warning("Could not reset the peak RSS (not Linux?).")
+    fields = {"VmRSS": "rss_bytes", "VmHWM": "peak_rss_bytes"}
+    out = {"pid": os.getpid(), "rss_bytes": 0, "peak_rss_bytes": 0}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in fields:
+                    out[fields[key]] = int(value.split()[0]) * 1024
+    except OSError:  # not Linux: report zeros rather than fail a bench
+        pass
+    return out
+
+
+def import_core(path: str) -> Type[ModelCore]:
+    """The `ModelCore` subclass at "package.module:Class"."""
+    import importlib
+
+    module, _, name = path.partition(":")
+    core = getattr(importlib.import_module(module), name)
+    if not (isinstance(core, type) and issubclass(core, ModelCore)):
+        raise TypeError(f"Got {path!r}; expected a ModelCore subclass.")
+    return core
+
+
+def spec_options(*names: str) -> frozenset:
+    """A spec's `options`, checked against `TranscribeOptions`' fields."""
+    known = {f.name for f in dataclasses.fields(TranscribeOptions)}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise ValueError(f"Got unknown option(s) {unknown}; known: {sorted(known)}.")
+    return frozenset(names)
+
+
+__all__ = [
+    "Decoded",
+    "DecodeRequest",
+    "ModelAppArgs",
+    "ModelCore",
+    "cap_torch_gpu_memory",
+    "configure_offline",
+    "import_core",
+    "package_versions",
+    "process_memory",
+    "resolve_device",
+    "set_torch_threads",
+    "spec_options",
+    "validate_audio",
+]

@@ -1,0 +1,104 @@
+"""The Serve side every model application shares: one replica class around a `ModelCore`.
+
+A model app's `build_app` is one call, `model_app(CoreClass, args, name="...")`; the replica
+checks its env against the cluster, builds the core (load, warm-up), and answers the handle
+methods the ingress and other Ray apps call: `transcribe`, `spec`, `info`, `memory`, and
+Serve's `check_health`. Errors leave it as the contract's types only (`deployments/contract.py`):
+an exception class from torch or transformers would not unpickle in the ingress env.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Dict, Optional, Type
+
+import numpy as np
+from ray import serve
+from ray.serve import Application
+
+from deployments.contract import (
+    InvalidAudioError,
+    InvalidOptionsError,
+    ModelFailedError,
+    ModelUnavailableError,
+    TranscriptionResult,
+)
+from deployments.core import ModelCore, import_core, process_memory
+from deployments.runtime import assigned_gpu_fraction, check_environment, publish_spec
+
+logger = logging.getLogger(__name__)
+
+_CONTRACT_ERRORS = (InvalidAudioError, InvalidOptionsError, ModelUnavailableError, ModelFailedError)
+
+
+class ModelReplica:
+    """One replica of a model app. Subclass it only to add handle methods of a model's own."""
+
+    def __init__(self, core: str, args: Optional[dict] = None):
+        self._versions = check_environment()
+        self.core: ModelCore = import_core(core)(args, gpu_fraction=assigned_gpu_fraction() or None)
+        publish_spec(serve.get_replica_context().app_name, self.spec())
+
+    async def transcribe(self, audio: np.ndarray, options: Optional[dict] = None) -> TranscriptionResult:
+        """Transcribes 16 kHz mono float32 audio (`ModelCore.transcribe`) in a worker thread.
+
+        Raises:
+            InvalidAudioError, InvalidOptionsError: Bad input.
+            ModelUnavailableError: The model cannot serve.
+            ModelFailedError: Anything else that went wrong, by type name and message.
+        """
+        try:
+            return await asyncio.to_thread(self.core.transcribe, audio, options)
+        except _CONTRACT_ERRORS:
+            raise
+        except Exception as e:
+            logger.exception("Transcription failed.")
+            raise ModelFailedError(f"{type(e).__name__}: {e}") from None
+
+    def spec(self) -> dict:
+        """What this model is for and what it honours (`ModelSpec.to_dict()`)."""
+        return self.core.model_spec().to_dict()
+
+    def info(self) -> dict:
+        """This replica's runtime env: interpreter, Ray and library versions, device, model."""
+        return self.core.info(self._versions)
+
+    def memory(self, reset_peak: bool = False) -> dict:
+        """This replica's resident memory now and at its peak (`core.process_memory`).
+
+        Args:
+            reset_peak: First reset the peak, so that a later call reports the peak of what ran
+                in between (bench/whisperx_app.py).
+        """
+        return process_memory(reset_peak)
+
+    def check_health(self) -> None:
+        self.core.check_health()
+
+
+def model_app(
+    core: Type[ModelCore],
+    args: Optional[Dict[str, Any]],
+    *,
+    name: str,
+    replica: Type[ModelReplica] = ModelReplica,
+) -> Application:
+    """A model application: one deployment of `replica` around `core`.
+
+    Args:
+        core: The plug-in's `ModelCore` subclass.
+        args: The Serve config's `args:`; validated here with `core.Args`, so a bad value fails
+            the deploy with a message naming it.
+        name: The deployment's name (the Serve config's `deployments:` entries refer to it).
+        replica: `ModelReplica` or a subclass with handle methods of the model's own.
+    """
+    validated = core.Args.model_validate(args or {})
+    deployment = serve.deployment(
+        replica,
+        name=name,
+        max_ongoing_requests=4,
+        health_check_period_s=10,
+        health_check_timeout_s=30,
+    )
+    return deployment.bind(f"{core.__module__}:{core.__qualname__}", validated.model_dump())

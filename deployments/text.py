@@ -1,0 +1,97 @@
+"""Text stages every model app shares: repetition-loop guard and Chinese script conversion.
+
+The replica base (`deployments/core.py`) runs `TextPostProcessor` on every model's segments, so
+a new model gets both without code of its own. Pure Python plus OpenCC, no model.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import List, Optional, Tuple
+
+# A unit of 1-30 characters repeated back to back; Whisper's degenerate loops look like this
+# ("谢谢谢谢谢谢…", "我们来看一下我们来看一下…").
+_REPEAT = re.compile(r"(.{1,30}?)\1{3,}", re.DOTALL)
+
+
+def _min_repeats(unit: str) -> int:
+    # Short units repeat legitimately ("哈哈哈", "no no no"); demand more of them.
+    return 8 if len(unit) == 1 else 5 if len(unit) <= 3 else 4
+
+
+def collapse_repetitions(text: str) -> Tuple[str, bool]:
+    """Cuts runs of a repeated unit down to two occurrences.
+
+    Args:
+        text: Decoded text of one segment.
+
+    Returns:
+        The text with every loop collapsed, and whether anything was collapsed.
+    """
+    changed = False
+
+    def fold(match: "re.Match[str]") -> str:
+        nonlocal changed
+        unit = match.group(1)
+        if not unit.strip() or len(match.group(0)) // len(unit) < _min_repeats(unit):
+            return match.group(0)
+        changed = True
+        return unit * 2
+
+    out = _REPEAT.sub(fold, text)
+    return out, changed
+
+
+def has_repetition_loop(text: str) -> bool:
+    """True when `text` contains a loop that `collapse_repetitions` would cut."""
+    return collapse_repetitions(text)[1]
+
+
+class ScriptConverter:
+    """Converts Chinese text to Simplified or Traditional script with OpenCC."""
+
+    _CONFIGS = {"simplified": "t2s", "traditional": "s2t"}
+
+    def __init__(self):
+        import opencc
+
+        self._converters = {name: opencc.OpenCC(cfg) for name, cfg in self._CONFIGS.items()}
+
+    def __call__(self, text: str, script: str) -> str:
+        return self._converters[script].convert(text)
+
+
+CHINESE_LANGUAGES = frozenset({"zh", "yue"})
+"""Output languages whose script `TextPostProcessor` converts; Japanese kanji are left alone."""
+
+
+class TextPostProcessor:
+    """The repetition guard for every segment, then OpenCC's script conversion for Chinese.
+
+    Args:
+        convert_script: Load OpenCC; without it `script` is not honoured (and the model spec
+            must not list it).
+    """
+
+    def __init__(self, *, convert_script: bool = True):
+        self._script = ScriptConverter() if convert_script else None
+
+    @property
+    def converts_script(self) -> bool:
+        return self._script is not None
+
+    def __call__(self, segments: List[dict], *, language: Optional[str], script: str, warnings: List[str]) -> List[dict]:
+        """Cleaned copies of `segments` (words included); a warning when a loop was collapsed."""
+        convert = self._script is not None and (language or "") in CHINESE_LANGUAGES
+        looped = 0
+        out = []
+        for seg in segments:
+            text, collapsed = collapse_repetitions(seg["text"])
+            looped += collapsed
+            seg = {**seg, "text": self._script(text, script) if convert else text}
+            if convert and seg.get("words"):
+                seg["words"] = [{**w, "word": self._script(w["word"], script)} for w in seg["words"]]
+            out.append(seg)
+        if looped:
+            warnings.append(f"Collapsed a repetition loop in {looped} segment(s).")
+        return out

@@ -1,0 +1,225 @@
+"""WhisperX model core: batched faster-whisper, VAD, wav2vec2 alignment, optional diarization.
+
+Runs in the whisperx env, without Ray; whisperx, torch and faster-whisper are imported in
+`load`. Everything around decoding (options, text cleaning, the result, info) is the shared
+base's (`deployments/core.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from typing import Dict, List, Optional
+
+import numpy as np
+from pydantic import Field
+
+from deployments.contract import SAMPLE_RATE, InvalidOptionsError, ModelInfo, ModelSpec, ModelUnavailableError, Segment, TranscribeOptions
+from deployments.core import Decoded, DecodeRequest, ModelAppArgs, ModelCore, spec_options
+from deployments.pinned_decode import PinnedLengthWhisper, counting_window_tokens
+from deployments.whisperx.stages import AlignModelCache, as_segment, asr_options, audio_windows, release_freed_memory, shifted
+
+logger = logging.getLogger(__name__)
+
+_OPTIONS = ("initial_prompt", "temperature", "beam_size", "word_timestamps", "script")
+_SPEAKER_OPTIONS = ("diarize", "min_speakers", "max_speakers")
+
+
+class WhisperXArgs(ModelAppArgs):
+    """Settings of the WhisperX application, filled from the Serve config's `args:`."""
+
+    model: str = Field("large-v3", description="Whisper size name (e.g. 'large-v3') or a CTranslate2 model directory.")
+    compute_type: str = Field("default", description="CTranslate2 compute type; 'default' is float16 on cuda, float32 on cpu.")
+    batch_size: int = Field(16, ge=1, description="VAD chunks decoded together in one batch.")
+    cpu_threads: int = Field(0, ge=0, description="CPU threads of CTranslate2 (decoding) and of PyTorch (VAD, alignment), the latter set in every decoding thread (core.set_torch_threads); 0 lets each choose.")
+    chunk_size: float = Field(30.0, gt=0, le=30, description="Longest VAD chunk handed to Whisper, in seconds.")
+    vad_onset: float = Field(0.5, gt=0, lt=1, description="VAD speech-start threshold.")
+    vad_offset: float = Field(0.363, gt=0, lt=1, description="VAD speech-end threshold.")
+    window_s: float = Field(600.0, ge=120, description="Longest stretch of audio run through VAD, ASR and alignment at once; longer audio is cut into windows at quiet moments, so memory stays flat with length.")
+    window_cut_search_s: float = Field(20.0, gt=0, le=60, description="A window ends at the quietest 0.1 s within this many seconds before its limit.")
+    align_models: Dict[str, str] = Field(default_factory=dict, description="Alignment model per language code (HF id or local directory); whisperx's defaults otherwise.")
+    align_cache_size: int = Field(4, ge=1, description="Alignment models kept loaded at once (least recently used go first).")
+    diarization_model: Optional[str] = Field(None, description="pyannote diarization pipeline (HF id or local directory); diarization is off without it (the spec then lists no speaker options).")
+    hf_token_env: str = Field("HF_TOKEN", description="Environment variable holding the Hugging Face token for gated models.")
+    nltk_data: Optional[str] = Field(None, description="NLTK data root for the aligner's sentence splitter (Punkt); default '<model_cache>/nltk_data', else '~/nltk_data'.")
+
+
+class WhisperXCore(ModelCore):
+    """One WhisperX model; `transcribe` is safe to call from several threads at once."""
+
+    spec = ModelSpec(
+        name="whisperx",
+        description="WhisperX (batched faster-whisper, VAD, wav2vec2 word alignment, optional diarization): every language.",
+        languages=(),
+        tasks=("transcribe", "translate"),
+        options=spec_options(*_OPTIONS),
+        detects_language=True,
+    )
+    Args = WhisperXArgs
+    packages = ("torch", "whisperx", "faster-whisper", "ctranslate2", "transformers", "opencc")
+
+    def model_spec(self) -> ModelSpec:
+        if self.args.diarization_model:
+            return self.spec._replace(options=spec_options(*_OPTIONS, *_SPEAKER_OPTIONS))
+        return self.spec
+
+    def load(self) -> None:
+        import torch
+        from whisperx.asr import WhisperModel  # faster-whisper's, plus batched generation
+        from whisperx.vads import Pyannote
+
+        self._torch = torch
+        self._compute_type = self.args.compute_type
+        if self._compute_type == "default":
+            self._compute_type = "float16" if self.device == "cuda" else "float32"
+        self._model = WhisperModel(
+            self.args.model,
+            device=self.device,
+            compute_type=self._compute_type,
+            cpu_threads=self.args.cpu_threads,
+            download_root=self.args.model_cache,
+            local_files_only=self.args.local_files_only,
+        )
+        if self.args.pinned_decode_tokens:
+            self._model.model = PinnedLengthWhisper(
+                self._model.model, self.args.pinned_decode_tokens, end_of_text=self._model.hf_tokenizer.token_to_id("<|endoftext|>")
+            )
+        # The pyannote segmentation model ships inside the whisperx wheel, so VAD works
+        # offline; whisperx's silero option fetches through torch.hub and does not.
+        self._vad = Pyannote(torch.device(self.device), token=None, vad_onset=self.args.vad_onset, vad_offset=self.args.vad_offset)
+        self._align_cache = AlignModelCache(self.args.align_cache_size)
+        self._prepare_sentence_splitter()
+        self._diarizer = None
+        self._diarizer_lock = threading.Lock()
+
+    def _prepare_sentence_splitter(self) -> None:
+        from whisperx.utils import PUNKT_LANGUAGES
+
+        from deployments.whisperx.punkt import ensure_punkt_tab
+
+        root = self.args.nltk_data or os.path.join(self.args.model_cache or os.path.expanduser("~"), "nltk_data")
+        # whisperx.align falls back to Punkt's English model for languages it has no entry for.
+        languages = {"english", *PUNKT_LANGUAGES.values()}
+        try:
+            ensure_punkt_tab(root, languages)
+        except OSError as e:  # a read-only model cache (an image's /models): this replica's temp dir
+            logger.warning("Cannot write Punkt data under %s (%s); using a temporary directory.", root, e)
+            ensure_punkt_tab(tempfile.mkdtemp(prefix="nltk_data-"), languages)
+
+    def warm_up(self) -> None:
+        self._model.detect_language(np.zeros(SAMPLE_RATE, dtype=np.float32))
+
+    def describe(self) -> ModelInfo:
+        return ModelInfo(engine="whisperx", compute_type=self._compute_type)
+
+    def check_options(self, opts: TranscribeOptions) -> None:
+        # min > max and values < 1 are rejected by TranscribeOptions itself.
+        if not opts.diarize and (opts.min_speakers is not None or opts.max_speakers is not None):
+            raise InvalidOptionsError(
+                f"Got min_speakers={opts.min_speakers}, max_speakers={opts.max_speakers} with diarize=False; "
+                "speaker counts only apply when diarizing."
+            )
+
+    # -- stages ------------------------------------------------------------------------------
+
+    def decode(self, request: DecodeRequest) -> Decoded:
+        audio, opts = request.audio, request.options
+        language, probability = self._language(audio, opts)
+        align = opts.word_timestamps
+        segments: List[Segment] = []
+        for start, end in audio_windows(audio, self.args.window_s, self.args.window_cut_search_s):
+            piece = audio[start:end]  # a view: windows bound what VAD, ASR and alignment hold at once
+            raw_segments = self._asr(piece, opts, language, request.window_tokens)
+            window_segments = [as_segment(s) for s in raw_segments]
+            if align and window_segments:
+                aligned = self._align(raw_segments, piece, language, request.warnings)
+                align = aligned is not None  # one warning per request, not per window
+                window_segments = aligned or window_segments
+            segments.extend(shifted(s, start / SAMPLE_RATE) for s in window_segments)
+            del piece, raw_segments, window_segments
+            release_freed_memory()
+        if opts.diarize and segments:
+            segments = self._diarize(segments, audio, opts)
+        return Decoded(segments=segments, language=language, language_probability=probability)
+
+    def _language(self, audio: np.ndarray, opts: TranscribeOptions) -> tuple:
+        if opts.language:
+            return opts.language, None
+        if not self._model.model.is_multilingual:
+            return "en", None
+        language, probability, _ = self._model.detect_language(audio)
+        return language, float(probability)
+
+    def _asr(self, audio: np.ndarray, opts: TranscribeOptions, language: str, window_tokens: List[int]) -> list:
+        """Runs whisperx's batched ASR on one window; with `pinned_decode_tokens`, appends the tokens
+        each VAD chunk decoded to `window_tokens`."""
+        from faster_whisper.tokenizer import Tokenizer
+        from whisperx.asr import FasterWhisperPipeline
+
+        # A pipeline per request: whisperx's pipeline rewrites its tokenizer and options during
+        # transcribe(), so one shared instance would mix concurrent requests' settings.
+        multilingual = self._model.model.is_multilingual
+        pipeline = FasterWhisperPipeline(
+            model=self._model,
+            vad=self._vad,
+            vad_params={"vad_onset": self.args.vad_onset, "vad_offset": self.args.vad_offset},
+            options=asr_options(opts, multilingual),
+            tokenizer=Tokenizer(self._model.hf_tokenizer, multilingual, task=opts.task, language=language),
+            language=language,
+            device=self.device,
+        )
+        with counting_window_tokens(window_tokens):
+            result = pipeline.transcribe(
+                audio, batch_size=self.args.batch_size, language=language, task=opts.task, chunk_size=self.args.chunk_size
+            )
+        return [s for s in result["segments"] if s["text"].strip()]
+
+    def _load_align_model(self, language: str) -> tuple:
+        import whisperx
+
+        return whisperx.load_align_model(
+            language_code=language,
+            device=self.device,
+            model_name=self.args.align_models.get(language),
+            model_dir=self.args.model_cache,
+            model_cache_only=self.args.local_files_only,
+        )
+
+    def _align(self, raw_segments: list, audio: np.ndarray, language: str, warnings: list) -> Optional[list]:
+        import whisperx
+
+        try:
+            model, metadata = self._align_cache.get(language, self._load_align_model)
+        except Exception as e:  # offline, or no alignment model for this language
+            logger.warning("No alignment model for %r: %s", language, e)
+            warnings.append(
+                f"Word timestamps are unavailable for language {language!r}: the alignment model "
+                f"could not be loaded ({type(e).__name__}: {e}). Segment timestamps are kept."
+            )
+            return None
+        aligned = whisperx.align(raw_segments, model, metadata, audio, self.device)
+        return [as_segment(s) for s in aligned["segments"] if s.get("text", "").strip()]
+
+    def _diarize(self, segments: list, audio: np.ndarray, opts: TranscribeOptions) -> list:
+        import whisperx
+        from whisperx.diarize import DiarizationPipeline
+
+        with self._diarizer_lock:
+            if self._diarizer is None:
+                try:
+                    self._diarizer = DiarizationPipeline(
+                        model_name=self.args.diarization_model,
+                        token=os.environ.get(self.args.hf_token_env),
+                        device=self.device,
+                        cache_dir=self.args.model_cache,
+                    )
+                except Exception as e:
+                    raise ModelUnavailableError(
+                        f"Diarization was requested but the configured diarization_model "
+                        f"{self.args.diarization_model!r} could not be loaded ({type(e).__name__}: {e})."
+                    ) from e
+        turns = self._diarizer(audio, min_speakers=opts.min_speakers, max_speakers=opts.max_speakers)
+        labelled = whisperx.assign_word_speakers(turns, {"segments": segments})
+        return [as_segment(s) for s in labelled["segments"]]
