@@ -394,6 +394,26 @@ def process_memory(reset_peak: bool = False) -> dict:
     return out
 
 
+def ct2_whisper(model_class: Any, args: ModelAppArgs, device: str) -> Tuple[Any, str]:
+    """A CTranslate2 Whisper (faster-whisper's `WhisperModel` or a subclass) as `args` configure it.
+
+    Returns:
+        The model and its compute type ('default' resolved: float16 on cuda, float32 on cpu).
+    """
+    compute_type = getattr(args, "compute_type", "default")
+    if compute_type == "default":
+        compute_type = "float16" if device == "cuda" else "float32"
+    model = model_class(
+        args.model,
+        device=device,
+        compute_type=compute_type,
+        cpu_threads=args.cpu_threads,
+        download_root=args.model_cache,
+        local_files_only=args.local_files_only,
+    )
+    return model, compute_type
+
+
 def import_core(path: str) -> Type[ModelCore]:
     """The `ModelCore` subclass at "package.module:Class"."""
     import importlib
@@ -421,6 +441,7 @@ __all__ = [
     "ModelCore",
     "cap_torch_gpu_memory",
     "configure_offline",
+    "ct2_whisper",
     "import_core",
     "package_versions",
     "process_memory",

@@ -158,6 +158,7 @@ class TranscriptionIngress:
             "model": self._settings.language_id.model,
             "loaded": True,
             "load_error": None,
+            "warnings": [],
         }
         return {"transcription": own, **{m: await self.model_info(m) for m in self._settings.model_apps}}
 

@@ -301,6 +301,8 @@ def test_speedups_apply_and_change_no_output(serve_cluster, belle2, results):
         serve_cluster.wait_gone("belle2-plain")
     counts = belle2.speedup_counts.remote().result()
     assert all(count > 0 for count in counts.values()), counts
+    # the replica's own guards (verified transformers, warm-up self-check) kept every speed-up on
+    assert belle2.info.remote().result()["warnings"] == []
 
 
 # -- load failure ---------------------------------------------------------------------------------

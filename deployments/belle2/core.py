@@ -12,10 +12,10 @@ import functools
 import logging
 import wave
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from deployments.belle2.speedups import Speedups
 from deployments.belle2.windows import Window, plan_windows, remaining_window
@@ -40,7 +40,7 @@ class Belle2Args(ModelAppArgs):
     """Settings of the BELLE-2 application, filled from the Serve config's `args:`."""
 
     model: str = Field("BELLE-2/Belle-whisper-large-v3-zh", description="Hugging Face model id or a local directory in transformers format.")
-    compute_type: str = Field("default", description="'float16', 'float32', or 'default': float16 on cuda, float32 on cpu.")
+    compute_type: Literal["default", "float16", "float32"] = Field("default", description="'float16', 'float32', or 'default': float16 on cuda, float32 on cpu.")
     batch_size: int = Field(8, ge=1, description="Windows of up to 30 s decoded together.")
     compression_ratio_threshold: float = Field(2.4, gt=0, description="A window whose text compresses better than this is decoded again at the next temperature.")
     logprob_threshold: float = Field(-1.0, description="A window whose average log-probability is below this is decoded again at the next temperature.")
@@ -52,14 +52,6 @@ class Belle2Args(ModelAppArgs):
     decoding_shortcuts: bool = Field(True, description="Read no-speech from the prompt pass, build suppression masks once per call, project, cache and read the beams' shared cross-attention keys and values once per input, reorder only the self-attention cache (deployments/belle2/decoding.py); the same tokens, off only to measure what they save. Guarded: off, with a warning in info(), outside the verified transformers versions or when the warm-up self-check sees a token change (deployments/belle2/speedups.py).")
     onednn_linears: bool = Field(True, description="On CPU, run every linear layer on oneDNN rather than MKL's sgemm (deployments/belle2/onednn.py): up to 2.7x as fast, most for decoding's few-row matrices; equal up to float rounding, not bit for bit. Guarded like decoding_shortcuts.")
     decoder_cpu_threads: int = Field(0, ge=0, description="Threads for the decoding steps on CPU, when fewer than `cpu_threads` serve better: each step is hundreds of small operations, and on the 2-vCPU test machine 2 threads made them slower than 1 (the encoder's large matrices keep `cpu_threads`). 0: as `cpu_threads`.")
-
-
-    @field_validator("compute_type")
-    @classmethod
-    def _check_compute_type(cls, v: str) -> str:
-        if v not in ("default", "float16", "float32"):
-            raise ValueError(f"Got {v!r} for compute_type; expected 'default', 'float16' or 'float32'.")
-        return v
 
 
 class Belle2Core(ModelCore):

@@ -19,6 +19,25 @@ from types import SimpleNamespace
 from typing import Any, Iterator, Optional
 
 
+class _ThreadSwitch:
+    """`with switch():` turns it on for the calling thread; `switch.on` reads it."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    @property
+    def on(self) -> bool:
+        return getattr(self._local, "on", False)
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        self._local.on = True
+        try:
+            yield
+        finally:
+            self._local.on = False
+
+
 class SelfAttentionOnlyReorder:
     """`reorder_self_attention_only` inside `active()`, the cache's own reorder outside it.
 
@@ -27,19 +46,11 @@ class SelfAttentionOnlyReorder:
     """
 
     def __init__(self, model: Any):
-        self._local = threading.local()
+        self.active = _ThreadSwitch()
         model._reorder_cache = self
 
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        self._local.active = True
-        try:
-            yield
-        finally:
-            self._local.active = False
-
     def __call__(self, cache: Any, beam_idx: Any) -> Any:
-        if getattr(self._local, "active", False):
+        if self.active.on:
             return reorder_self_attention_only(cache, beam_idx)
         cache.reorder_cache(beam_idx)
         return cache
@@ -264,17 +275,9 @@ class SuppressionMaskCache:
 
     def __init__(self, model: Any, *, enabled: bool = True):
         self.hits = 0
-        self._local = threading.local()
+        self.active = _ThreadSwitch()
         if enabled:
             model._retrieve_logit_processors = self._wrap(model._retrieve_logit_processors)
-
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        self._local.active = True
-        try:
-            yield
-        finally:
-            self._local.active = False
 
     def _wrap(self, retrieve):
         from transformers.generation.logits_process import (
@@ -306,7 +309,7 @@ class SuppressionMaskCache:
         @functools.wraps(retrieve)
         def retrieve_logit_processors(*args, **kwargs):
             processors = retrieve(*args, **kwargs)
-            if processors is None or not getattr(self._local, "active", False):
+            if processors is None or not self.active.on:
                 return processors
             return [cached(p) for p in processors]
 

@@ -12,7 +12,7 @@ from typing import List
 from pydantic import Field
 
 from deployments.contract import ModelInfo, ModelSpec, Segment
-from deployments.core import Decoded, DecodeRequest, ModelAppArgs, ModelCore, spec_options
+from deployments.core import Decoded, DecodeRequest, ModelAppArgs, ModelCore, ct2_whisper, spec_options
 
 
 class FasterWhisperArgs(ModelAppArgs):
@@ -43,17 +43,7 @@ class FasterWhisperCore(ModelCore):
 
         if self.args.pinned_decode_tokens:
             raise ValueError("pinned_decode_tokens is not supported by the faster-whisper app.")
-        self._compute_type = self.args.compute_type
-        if self._compute_type == "default":
-            self._compute_type = "float16" if self.device == "cuda" else "float32"
-        self._model = WhisperModel(
-            self.args.model,
-            device=self.device,
-            compute_type=self._compute_type,
-            cpu_threads=self.args.cpu_threads,
-            download_root=self.args.model_cache,
-            local_files_only=self.args.local_files_only,
-        )
+        self._model, self._compute_type = ct2_whisper(WhisperModel, self.args, self.device)
 
     def warm_up(self) -> None:
         import numpy as np

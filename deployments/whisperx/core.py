@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import Field
 
 from deployments.contract import SAMPLE_RATE, InvalidOptionsError, ModelInfo, ModelSpec, ModelUnavailableError, Segment, TranscribeOptions
-from deployments.core import Decoded, DecodeRequest, ModelAppArgs, ModelCore, spec_options
+from deployments.core import Decoded, DecodeRequest, ModelAppArgs, ModelCore, ct2_whisper, spec_options
 from deployments.pinned_decode import PinnedLengthWhisper, counting_window_tokens
 from deployments.whisperx.stages import AlignModelCache, as_segment, asr_options, audio_windows, release_freed_memory, shifted
 
@@ -71,17 +71,7 @@ class WhisperXCore(ModelCore):
         from whisperx.vads import Pyannote
 
         self._torch = torch
-        self._compute_type = self.args.compute_type
-        if self._compute_type == "default":
-            self._compute_type = "float16" if self.device == "cuda" else "float32"
-        self._model = WhisperModel(
-            self.args.model,
-            device=self.device,
-            compute_type=self._compute_type,
-            cpu_threads=self.args.cpu_threads,
-            download_root=self.args.model_cache,
-            local_files_only=self.args.local_files_only,
-        )
+        self._model, self._compute_type = ct2_whisper(WhisperModel, self.args, self.device)
         if self.args.pinned_decode_tokens:
             self._model.model = PinnedLengthWhisper(
                 self._model.model, self.args.pinned_decode_tokens, end_of_text=self._model.hf_tokenizer.token_to_id("<|endoftext|>")
