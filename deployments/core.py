@@ -25,7 +25,7 @@ import os
 import platform
 import sys
 import time
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple, Type, Union
+from typing import Any, ClassVar, List, Mapping, Optional, Tuple, Type, Union
 
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
