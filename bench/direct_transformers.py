@@ -7,7 +7,7 @@ Run inside the belle2 venv, e.g.:
 
 This is the baseline the BELLE-2 app improves on: `WhisperForConditionalGeneration.generate`
 with transformers' own long-form handling for audio over 30 s (features not truncated, an
-attention mask, sequential 30 s seeks). Matched with the belle2 app (`deployments/belle2/app.py`
+attention mask, sequential 30 s seeks). Matched with the belle2 app (`deployments/belle2/core.py`
 `Belle2Args` defaults): language forced (default zh), task transcribe, beam 5 at temperature 0,
 temperature fallback (0.0, 0.2, ..., 1.0) on compression ratio > 2.4 or average log-probability
 < -1.0, no-speech threshold 0.6, no conditioning on previous text, timestamps on, float32, SDPA.

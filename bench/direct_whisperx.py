@@ -9,7 +9,7 @@ Runs in the whisperx venv and follows the direct runner protocol of bench/ (see 
 VAD chunks of at most 30 s decoded in batches. `--engine faster-whisper` calls faster-whisper's
 `WhisperModel.transcribe` (sequential 30 s windows, no VAD, the generator read to the end).
 
-Matched to the whisperx app (deployments/whisperx/app.py, runtime_envs/local.yaml): CPU, compute
+Matched to the whisperx app (deployments/whisperx/core.py, runtime_envs/local.yaml): CPU, compute
 type float32, CTranslate2 threads (`--threads`, the app's cpu_threads), batch size (whisperx),
 beam 5 with best_of 5 and temperatures 0.0-1.0 in steps of 0.2, compression-ratio 2.4,
 log-prob -1.0, no-speech 0.6, no conditioning on previous text, VAD onset 0.5 / offset 0.363,
