@@ -7,7 +7,7 @@ A model plug-in is a `ModelCore` subclass that declares its `spec` and `Args` an
 - device choice, GPU memory cap and CPU threads;
 - loading with a clear load error (`ModelUnavailableError` naming the model and the cause);
 - a warm-up, timed and logged, whose failure costs latency only;
-- options parsed once, those the spec does not honour reported in `warnings`, never dropped;
+- options parsed once, those the spec does not honour refused (`UnsupportedOptionError`), never dropped;
 - text post-processing for every model (repetition guard, Chinese script: `deployments/text.py`);
 - the result envelope (`TranscriptionResult`), model info, the pinned-decode report;
 - `info()`, `check_health()` and `memory()`.
@@ -125,10 +125,8 @@ class ModelCore:
         configure_offline(self.args.model_cache)
         started = time.perf_counter()
         self.device = resolve_device(self.args.device)
-        self.gpu_fraction = None
         if self.device == "cuda":
-            self.gpu_fraction = cap_torch_gpu_memory(self.args.gpu_memory_fraction or gpu_fraction or 1.0)
-        set_torch_threads(self.decode_threads())
+            cap_torch_gpu_memory(self.args.gpu_memory_fraction or gpu_fraction or 1.0)
         try:
             self.load()
         except ModelUnavailableError:
@@ -138,7 +136,7 @@ class ModelCore:
             raise ModelUnavailableError(
                 f"{self.spec.name} app could not load model {self.args.model!r} ({where}): {type(e).__name__}: {e}"
             ) from e
-        self.text = TextPostProcessor(convert_script="script" in self.spec.options)
+        self.text = TextPostProcessor(convert_script=self.model_spec().script_choice)
         self.load_time_s = time.perf_counter() - started
         logger.info("Loaded %s (%s) on %s in %.1f s.", self.spec.name, self.args.model, self.device, self.load_time_s)
         self._loaded = True
@@ -184,14 +182,14 @@ class ModelCore:
 
         Args:
             audio: The waveform.
-            options: `TranscribeOptions.to_dict()`. Options the spec does not honour are not
-                applied, and the result's `warnings` says which and why.
+            options: `TranscribeOptions.to_dict()`.
 
         Returns:
             A `TranscriptionResult` made of builtins only.
 
         Raises:
             InvalidAudioError: The waveform is unusable.
+            UnsupportedOptionError: An option the spec does not honour.
             InvalidOptionsError: The options are malformed or ask for what is not configured.
         """
         request = self.prepare(audio, options)
@@ -394,15 +392,20 @@ def process_memory(reset_peak: bool = False) -> dict:
     return out
 
 
+def resolve_compute_type(compute_type: str, device: str) -> str:
+    """'default' becomes float16 on cuda and float32 on cpu; any other value stays."""
+    if compute_type == "default":
+        return "float16" if device == "cuda" else "float32"
+    return compute_type
+
+
 def ct2_whisper(model_class: Any, args: ModelAppArgs, device: str) -> Tuple[Any, str]:
     """A CTranslate2 Whisper (faster-whisper's `WhisperModel` or a subclass) as `args` configure it.
 
     Returns:
         The model and its compute type ('default' resolved: float16 on cuda, float32 on cpu).
     """
-    compute_type = getattr(args, "compute_type", "default")
-    if compute_type == "default":
-        compute_type = "float16" if device == "cuda" else "float32"
+    compute_type = resolve_compute_type(getattr(args, "compute_type", "default"), device)
     model = model_class(
         args.model,
         device=device,
@@ -445,6 +448,7 @@ __all__ = [
     "import_core",
     "package_versions",
     "process_memory",
+    "resolve_compute_type",
     "resolve_device",
     "set_torch_threads",
     "spec_options",

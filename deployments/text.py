@@ -76,10 +76,6 @@ class TextPostProcessor:
     def __init__(self, *, convert_script: bool = True):
         self._script = ScriptConverter() if convert_script else None
 
-    @property
-    def converts_script(self) -> bool:
-        return self._script is not None
-
     def __call__(self, segments: List[dict], *, language: Optional[str], script: str, warnings: List[str]) -> List[dict]:
         """Cleaned copies of `segments` (words included); a warning when a loop was collapsed."""
         convert = self._script is not None and (language or "") in CHINESE_LANGUAGES

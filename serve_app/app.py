@@ -28,7 +28,7 @@ from deployments.core import package_versions, process_memory, validate_audio
 from deployments.runtime import check_environment
 from serve_app.admission import Admission
 from serve_app.audio import decode_audio
-from serve_app.config import IngressSettings
+from serve_app.config import AUTO_NAMES, IngressSettings
 from serve_app.errors import APIError, ErrorResponse, UploadTooLargeError, create_error_response, error_response_for
 from serve_app.formats import join_text, render, server_timing
 from serve_app.langid import LanguageDetector
@@ -124,7 +124,7 @@ class TranscriptionIngress:
                 "created": 0,
                 "owned_by": "klipnote",
                 "description": "Routes each request by its language: `routes`, else `default_model`; falls back to `fallback_model`.",
-                "aliases": ["whisper-1"],
+                "aliases": [name for name in AUTO_NAMES if name != AUTO],
                 "routes": dict(settings.routes),
                 "default_model": settings.default_model,
                 "fallback_model": settings.fallback_model,

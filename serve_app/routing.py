@@ -122,7 +122,7 @@ class ModelRouter:
     async def specs(self) -> Dict[ModelName, ModelSpec]:
         """Every configured model's spec seen so far, in `model_apps` order."""
         await self.refresh()
-        return {m: self._specs[m] for m in self._settings.model_apps if m in self._specs}
+        return self._specs_now()
 
     async def resolve(self, requested: str) -> str:
         """Maps a request's `model` to "auto" or a configured model name (names, then aliases).
@@ -296,12 +296,11 @@ def _ordered(settings: IngressSettings, models: Iterable[Optional[ModelName]]) -
 
 def _honoured_by(option: str, specs: Dict[ModelName, ModelSpec], model: ModelName) -> str:
     """A hint for a refused or left-out option: which deployed models honour it."""
+    if option == "language":  # a language is for routing to choose, not a model option
+        return ""
     probe = {"task": "translate"}.get(option)
-    others = [
-        m for m, s in specs.items()
-        if m != model and (probe in s.tasks if probe else option == "language" or option in s.options)
-    ]
-    if not others or option == "language":
+    others = [m for m, s in specs.items() if m != model and (probe in s.tasks if probe else option in s.options)]
+    if not others:
         return ""
     return f"{' and '.join(others)} {'honours' if len(others) == 1 else 'honour'} it: ask for it with model={others[0]}."
 

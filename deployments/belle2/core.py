@@ -20,7 +20,7 @@ from pydantic import Field
 from deployments.belle2.speedups import Speedups
 from deployments.belle2.windows import Window, plan_windows, remaining_window
 from deployments.contract import SAMPLE_RATE, ModelInfo, ModelSpec, Segment, TranscribeOptions
-from deployments.core import Decoded, DecodeRequest, ModelAppArgs, ModelCore, set_torch_threads, spec_options
+from deployments.core import Decoded, DecodeRequest, ModelAppArgs, ModelCore, resolve_compute_type, set_torch_threads, spec_options
 from deployments.pinned_decode import transformers_generate_kwargs, transformers_window_tokens
 
 logger = logging.getLogger(__name__)
@@ -76,8 +76,8 @@ class Belle2Core(ModelCore):
 
         args = self.args
         self._torch = torch
-        compute_type = args.compute_type if args.compute_type != "default" else ("float16" if self.device == "cuda" else "float32")
-        self._dtype = {"float16": torch.float16, "float32": torch.float32}[compute_type]
+        self._compute_type = resolve_compute_type(args.compute_type, self.device)
+        self._dtype = {"float16": torch.float16, "float32": torch.float32}[self._compute_type]
         cpu = self.device == "cpu"
         self._encoder_threads = args.cpu_threads if cpu else 0
         self._decoder_threads = (args.decoder_cpu_threads or args.cpu_threads) if cpu else 0
@@ -99,10 +99,10 @@ class Belle2Core(ModelCore):
         )
 
     def decode_threads(self) -> int:
-        return getattr(self, "_decoder_threads", 0)
+        return self._decoder_threads
 
     def describe(self) -> ModelInfo:
-        return ModelInfo(engine="transformers", compute_type=str(self._dtype).replace("torch.", ""))
+        return ModelInfo(engine="transformers", compute_type=self._compute_type)
 
     def _encode_on_all_threads(self) -> None:
         """Runs the encoder on `cpu_threads` while decoding steps keep `decoder_cpu_threads`."""
