@@ -11,7 +11,7 @@ from typing import List
 
 from pydantic import Field
 
-from deployments.contract import ModelInfo, ModelSpec, Segment
+from deployments.contract import SAMPLE_RATE, ModelInfo, ModelSpec, Segment
 from deployments.core import Decoded, DecodeRequest, ModelAppArgs, ModelCore, ct2_whisper, spec_options
 
 
@@ -48,7 +48,7 @@ class FasterWhisperCore(ModelCore):
     def warm_up(self) -> None:
         import numpy as np
 
-        self._model.detect_language(np.zeros(16_000, dtype=np.float32))
+        self._model.detect_language(np.zeros(SAMPLE_RATE, dtype=np.float32))
 
     def describe(self) -> ModelInfo:
         return ModelInfo(engine="faster-whisper", compute_type=self._compute_type)
