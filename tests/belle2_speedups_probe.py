@@ -47,12 +47,12 @@ def run(served: Belle2Core, plain, clips: list) -> dict:
     audio = [load_clip(c) for c in clips]
     batch_opts = TranscribeOptions(beam_size=5)
     served_counts = served.speedup_counts()
-    fast = served._generate(audio, batch_opts)["sequences"].tolist()
+    fast = served.generate(audio, batch_opts)["sequences"].tolist()
     segments = {c: [served.transcribe(a)["segments"]] for c, a in zip(clips, audio)}
     counts_after = served.speedup_counts()
     if plain is None:
         served.speedups.shortcuts_enabled, plain = False, served
-    shipped = plain._generate(audio, batch_opts)["sequences"].tolist()
+    shipped = plain.generate(audio, batch_opts)["sequences"].tolist()
     for c, a in zip(clips, audio):
         segments[c].append(plain.transcribe(a)["segments"])
     return {

@@ -1,7 +1,7 @@
 """BELLE-2 model core: Hugging Face transformers Whisper decoding Mandarin, without Ray.
 
-Long audio is cut into <= 30 s windows at speech boundaries (silero VAD, the ONNX model inside
-faster-whisper, offline) and the windows are decoded in batches, instead of transformers'
+Long audio is cut into <= 30 s windows at speech boundaries (silero VAD through onnxruntime,
+`deployments/vad.py`) and the windows are decoded in batches, instead of transformers'
 sequential long-form decoding, which runs one window after another. Everything around decoding
 (options, text cleaning, the result, info) is the shared base's (`deployments/core.py`).
 """
@@ -22,6 +22,7 @@ from deployments.belle2.windows import Window, plan_windows, remaining_window
 from deployments.contract import SAMPLE_RATE, ModelInfo, ModelSpec, Segment, TranscribeOptions
 from deployments.core import Decoded, DecodeRequest, ModelAppArgs, ModelCore, resolve_compute_type, set_torch_threads, spec_options
 from deployments.pinned_decode import transformers_generate_kwargs, transformers_window_tokens
+from deployments.vad import VadOptions, speech_timestamps
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +68,10 @@ class Belle2Core(ModelCore):
         aliases=("belle-2",),
     )
     Args = Belle2Args
-    packages = ("torch", "transformers", "tokenizers", "opencc", "faster-whisper")
+    packages = ("torch", "transformers", "tokenizers", "opencc", "onnxruntime")
 
     def load(self) -> None:
         import torch
-        from faster_whisper.vad import VadOptions
         from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
         args = self.args
@@ -124,13 +124,17 @@ class Belle2Core(ModelCore):
             clip = read_check_clip()
             # Two different windows, beam 2: every shortcut has something to share or skip.
             chunks, opts = [clip, clip[: clip.size * 3 // 5]], TranscribeOptions(beam_size=2)
-            self.speedups.self_check(lambda: self._generate(chunks, opts)["sequences"].tolist())
+            # A pinned decode has no no-speech check, so that shortcut has nothing to skip there.
+            self.speedups.self_check(
+                lambda: self.generate(chunks, opts)["sequences"].tolist(),
+                expect_no_speech=not self.args.pinned_decode_tokens,
+            )
             logger.info("BELLE-2 speed-ups after the self-check: %s", self.speedups.counts())
             return
         # A few tokens are enough to initialise everything; silence decoded in full ran to the
         # length limit (13 s of replica start-up on CPU).
         silence = [np.zeros(SAMPLE_RATE, dtype=np.float32)]
-        self._generate(silence, TranscribeOptions(beam_size=1, temperature=(0.0,)), max_new_tokens=WARMUP_TOKENS)
+        self.generate(silence, TranscribeOptions(beam_size=1, temperature=(0.0,)), max_new_tokens=WARMUP_TOKENS)
 
     def speedup_counts(self) -> Dict[str, int]:
         """How often each decoding shortcut has applied since start, and how many linear layers
@@ -150,7 +154,7 @@ class Belle2Core(ModelCore):
             left_over: List[Window] = []
             for first in range(0, len(windows), self.args.batch_size):
                 batch = windows[first : first + self.args.batch_size]
-                out = self._generate([audio[w.start : w.end] for w in batch], opts)
+                out = self.generate([audio[w.start : w.end] for w in batch], opts)
                 if pinned:
                     request.window_tokens.extend(transformers_window_tokens(out["sequences"].tolist(), self._processor.tokenizer))
                 for window, window_segments in zip(batch, out["segments"]):
@@ -166,10 +170,12 @@ class Belle2Core(ModelCore):
         segments.sort(key=lambda s: s["start"])
         return Decoded(segments=_without_overlaps(segments), language="zh")
 
-    def _speech(self, audio: np.ndarray) -> List[dict]:
-        from faster_whisper.vad import get_speech_timestamps
+    def windows(self, audio: np.ndarray) -> List[Window]:
+        """The decoder inputs `decode` cuts `audio` into (VAD spans merged to <= 30 s)."""
+        return self._windows(self._speech(audio), audio.size)
 
-        return get_speech_timestamps(audio, vad_options=self._vad_options, sampling_rate=SAMPLE_RATE)
+    def _speech(self, audio: np.ndarray) -> List[dict]:
+        return speech_timestamps(audio, self._vad_options, sampling_rate=SAMPLE_RATE)
 
     def _windows(self, speech: List[dict], total_samples: int) -> List[Window]:
         return plan_windows(
@@ -179,8 +185,12 @@ class Belle2Core(ModelCore):
             pad_samples=self.args.window_pad_ms * SAMPLE_RATE // 1000,
         )
 
-    def _generate(self, chunks: List[np.ndarray], opts: TranscribeOptions, max_new_tokens: Optional[int] = None) -> Dict[str, Any]:
-        """transformers' `generate` on up to `batch_size` windows at once (sequences and segments)."""
+    def generate(self, chunks: List[np.ndarray], opts: TranscribeOptions, max_new_tokens: Optional[int] = None, **overrides: Any) -> Any:
+        """transformers' `generate` on up to `batch_size` windows at once, as the app decodes them.
+
+        Returns generate's output (a dict with `sequences` and `segments`). `overrides` replace
+        or add generate arguments (bench/gpu_check.py adds a logits recorder, for example).
+        """
         features = self._processor.feature_extractor(
             chunks, sampling_rate=SAMPLE_RATE, return_tensors="pt"
         ).input_features.to(self.device, self._dtype)
@@ -197,19 +207,20 @@ class Belle2Core(ModelCore):
             settings.update(transformers_generate_kwargs(self.args.pinned_decode_tokens))
         elif max_new_tokens:
             settings["max_new_tokens"] = max_new_tokens
+        settings = dict(
+            language="zh",
+            task=opts.task,
+            num_beams=opts.beam_size,
+            do_sample=False,
+            **settings,
+            condition_on_prev_tokens=self.args.condition_on_previous_text,
+            prompt_ids=prompt_ids,
+            return_timestamps=True,
+            return_segments=True,
+        )
+        settings.update(overrides)
         with self._torch.inference_mode(), self.speedups.active():
-            return self._model.generate(
-                features,
-                language="zh",
-                task=opts.task,
-                num_beams=opts.beam_size,
-                do_sample=False,
-                **settings,
-                condition_on_prev_tokens=self.args.condition_on_previous_text,
-                prompt_ids=prompt_ids,
-                return_timestamps=True,
-                return_segments=True,
-            )
+            return self._model.generate(features, **settings)
 
     def _remaining(self, window: Window, placed: List[Segment], speech: List[dict]) -> Optional[Window]:
         if not placed:  # nothing decoded (silence, or skipped as no speech): the same again would be too

@@ -109,7 +109,7 @@ class Speedups:
             "onednn_linears": self.onednn_linears,
         }
 
-    def self_check(self, decode_tokens: Callable[[], List[List[int]]]) -> None:
+    def self_check(self, decode_tokens: Callable[[], List[List[int]]], *, expect_no_speech: bool = True) -> None:
         """Decodes as shipped, then with the speed-ups; turns off those that change a token.
 
         The happy path costs two decodes: as shipped, and with every speed-up at once. Only when
@@ -119,6 +119,8 @@ class Speedups:
             decode_tokens: Decodes the check clip (inside `active()`) and returns each window's
                 tokens; it must use beam search on at least two windows, or the shortcuts
                 would not apply.
+            expect_no_speech: The decode runs generate's no-speech check (not with a pinned
+                decode length, which turns it off), so `no_speech_from_prefill` must apply.
         """
         if not self.needs_check:
             return
@@ -129,30 +131,44 @@ class Speedups:
         except Exception as e:
             self._warn(f"BELLE-2 speed-ups turned off: the self-check clip failed to decode as shipped ({type(e).__name__}: {e}).")
             raise
-        if self._try(decode_tokens, reference, shortcuts=shortcuts, onednn=onednn) is None:
+        expected = [n for n in SHORTCUT_COUNTERS if expect_no_speech or n != "no_speech_from_prefill"]
+        if self._try(decode_tokens, reference, expected, shortcuts=shortcuts, onednn=onednn) is None:
             return
         if shortcuts:
-            problem = self._try(decode_tokens, reference, shortcuts=True, onednn=False)
+            problem = self._try(decode_tokens, reference, expected, shortcuts=True, onednn=False)
             if problem is not None:
                 self._warn(f"BELLE-2 decoding shortcuts turned off at start-up: {problem}; decoding runs as transformers ships it.")
                 shortcuts = False
                 self._switch(shortcuts=False, onednn=False)
         if onednn:
-            problem = self._try(decode_tokens, reference, shortcuts=shortcuts, onednn=True)
+            problem = self._try(decode_tokens, reference, expected, shortcuts=shortcuts, onednn=True)
             if problem is not None:
                 self._warn(f"oneDNN linear layers turned off at start-up: {problem}; linear layers run on PyTorch's default kernels.")
                 self._switch(shortcuts=shortcuts, onednn=False)
 
-    def _try(self, decode_tokens, reference, *, shortcuts: bool, onednn: bool) -> Optional[str]:
+    def _try(self, decode_tokens, reference, expected: List[str], *, shortcuts: bool, onednn: bool) -> Optional[str]:
         """Decodes the check clip with the given speed-ups on; what went wrong, or None."""
         self._switch(shortcuts=shortcuts, onednn=onednn)
         before = self.counts()
         problem = self._compare(decode_tokens, reference)
         if problem is None and shortcuts:
-            idle = [name for name in SHORTCUT_COUNTERS if self.counts()[name] == before[name]]
+            idle = [name for name in expected if self.counts()[name] == before[name]]
             if idle:
                 problem = f"shortcut(s) {idle} did not apply"
         return problem
+
+    @contextlib.contextmanager
+    def switched(self, *, shortcuts: bool) -> Iterator[None]:
+        """Decoding inside this block runs with the shortcuts on or off, whatever the self-check
+        decided (bench/gpu_check.py compares the two); the state before comes back after."""
+        before = self.shortcuts_enabled
+        if shortcuts and self._no_speech is None:
+            raise RuntimeError("The decoding shortcuts were not installed (turned off in the settings or by the version guard).")
+        self.shortcuts_enabled = shortcuts
+        try:
+            yield
+        finally:
+            self.shortcuts_enabled = before
 
     def _switch(self, *, shortcuts: bool, onednn: bool) -> None:
         """Switches the speed-ups to the given state."""
