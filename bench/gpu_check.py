@@ -44,6 +44,7 @@ import gc
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -62,6 +63,31 @@ import random_whisper  # noqa: E402
 from deployments.contract import SAMPLE_RATE  # noqa: E402
 
 ABSENT_ON_HOST = ("ray", "av", "ctranslate2", "faster_whisper", "whisperx")
+HOST_IMAGE = frozenset("""
+absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build certifi
+charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core cuda-pathfinder
+cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock flatbuffers flax fonttools
+formulaic frozenlist fsspec gpytorch grpcio h11 h5py hf-xet httpcore httpx huggingface-hub humanize hypothesis idna
+imageio iniconfig interface-meta jax jax-cuda13-pjrt jax-cuda13-plugin jaxlib jaxtyping jinja2 joblib kiwisolver
+lazy-loader lightning lightning-utilities linear-operator lineax llvmlite lxml markdown markdown-it-py markupsafe
+matplotlib mdurl meson ml-dtypes mpi4py mpmath msgpack multidict multipledispatch mypy-extensions nanobind narwhals
+networkx ninja numba numba-cuda numpy numpyro nvidia-cublas nvidia-cuda-cupti nvidia-cuda-nvrtc nvidia-cuda-runtime
+nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile nvidia-curand nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13
+nvidia-ml-py nvidia-nccl-cu13 nvidia-nvjitlink nvidia-nvshmem-cu13 nvidia-nvtx onnx onnx-ir onnxruntime onnxscript
+opencv-python-headless optax opt-einsum opt-einsum-fx optimistix orbax-checkpoint packaging pandas pathspec patsy peft
+pillow pip pluggy portalocker prometheus-client propcache protobuf psutil pyarrow pybind11 py-cpuinfo pygments
+pyparsing pyproject-hooks pyre-extensions pytest pytest-benchmark pytest-cov pytest-mock pytest-timeout pytest-xdist
+python-dateutil pytorch-lightning pyyaml regex requests rich sacrebleu safetensors scikit-build-core scikit-image
+scikit-learn scipy seaborn sentencepiece sentence-transformers setuptools shellingham simplejson six sortedcontainers
+statsmodels sympy tabulate tensorboard tensorboard-data-server tensorstore threadpoolctl tifffile tiktoken timm
+tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics torchvision tqdm transformers treescope
+triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp
+""".split())
+"""The GPU host image's Python distributions (the device tool's KINDS.md, as read on 2026-11-17)."""
+CARRIED = frozenset({"pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions", "opencc"})
+"""Distributions the host's image lacks that bench/gpu_check_bundle.py carries as wheels: pydantic
+(the model settings) and OpenCC (the shared text post-processing converts Mandarin script);
+typing-extensions too, as pydantic-core needs a newer one than some images have."""
 LABEL = "random weights, decode pinned"
 SILENCE_S = 0.5
 TOP_K = 8
@@ -78,9 +104,12 @@ class Settings:
     repeats: int
     workload_repeat: int
     seed: int
+    dtype: str = "default"
 
     @property
     def compute_type(self) -> str:
+        if self.dtype != "default":
+            return self.dtype
         return "float16" if self.device == "cuda" else "float32"
 
 
@@ -333,7 +362,37 @@ def memory_check(model_dir: Path, bundle: Path, s: Settings, argv: List[str]) ->
 
 
 def absent_modules_imported() -> List[str]:
-    return sorted({m.split(".")[0] for m in sys.modules} & set(ABSENT_ON_HOST))
+    """Imported modules that the GPU host lacks: those named in `ABSENT_ON_HOST`, and any from a
+    distribution neither in its image, nor carried, nor required by one of those as installed
+    here (other versions bring other dependencies), so that a dry run elsewhere catches a new
+    dependency of ours before a GPU run does."""
+    import importlib.metadata
+
+    def normal(name: str) -> str:
+        return name.lower().replace("_", "-").replace(".", "-")
+
+    top = {m.split(".")[0] for m in list(sys.modules)}
+    missing = top & set(ABSENT_ON_HOST)
+    known = set(HOST_IMAGE | CARRIED)
+    todo = list(known)
+    while todo:
+        try:
+            requires = importlib.metadata.requires(todo.pop()) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for req in requires:
+            if "extra ==" in req:
+                continue
+            name = normal(re.split(r"[\s;<>=!~\[(]", req, maxsplit=1)[0])
+            if name not in known:
+                known.add(name)
+                todo.append(name)
+    dists = importlib.metadata.packages_distributions()
+    for module in top - set(sys.stdlib_module_names):
+        names = dists.get(module)
+        if names and not any(normal(n) in known for n in names):
+            missing.add(f"{module} ({', '.join(names)})")
+    return sorted(missing)
 
 
 def environment(s: Settings) -> dict:
@@ -395,6 +454,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workload-repeat", type=int, default=4, help="copies of the clips in the workload")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compute-type", choices=("default", "float16", "float32"), default="default",
+                        help="default: float16 on cuda, float32 on cpu")
     parser.add_argument("--quick", action="store_true", help="the dry run's sizes: 4 tokens, beam 2, batches 1 and 2, one repeat, one copy")
     parser.add_argument("--skip-memory-check", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -405,13 +466,13 @@ def main(argv=None) -> int:
     if args.quick:
         args.decode_tokens, args.beam_size, args.batches, args.repeats, args.workload_repeat = 4, 2, [1, 2], 1, 1
     s = Settings(args.device, args.shape, args.decode_tokens, args.beam_size, sorted(args.batches), args.repeats,
-                 args.workload_repeat, args.seed)
+                 args.workload_repeat, args.seed, args.compute_type)
     if args.worker:
         return worker(args.model_dir, args.bundle, s, args.control, args.worker, args.phases.split(","))
 
     started = time.perf_counter()
     report: Dict[str, Any] = {"label": LABEL, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                              "settings": {**dataclasses.asdict(s), "compute_type": s.compute_type},
+                              "settings": {**{k: v for k, v in dataclasses.asdict(s).items() if k != "dtype"}, "compute_type": s.compute_type},
                               "environment": environment(s)}
     print(json.dumps(report["environment"]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

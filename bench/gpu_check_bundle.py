@@ -9,8 +9,8 @@ into `--out` (git-ignored; the device call carries it):
   (about 2 MB), which bench/random_whisper.py gives the random model;
 - `clips.npz`: the Mandarin clips of tests/data decoded by the ingress's own decoder
   (`serve_app.audio.decode_audio`: 16 kHz mono float32), as the model app receives them;
-- with `--wheels`: the wheels of the belle2 env's pure-Python needs the host lacks (pydantic and
-  its dependencies, at the belle2 lock's versions; about 3 MB), for CPython 3.12 x86-64.
+- with `--wheels`: the wheels of the belle2 env's packages the host lacks (pydantic and its
+  dependencies, OpenCC; at the belle2 lock's versions; about 5 MB), for CPython 3.12 x86-64.
 
 Prints one JSON line: the files and their sizes.
 """
@@ -30,6 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "bench"))
+from gpu_check import CARRIED  # noqa: E402
 from serve_app.audio import decode_audio  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
@@ -38,9 +40,7 @@ TOKENIZER_FILES = (
     "config.json", "generation_config.json", "preprocessor_config.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
 )
-WHEELS = ("pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions")
-"""Not in the GPU host's image (KINDS.md lists it); typing-extensions travels too, as
-pydantic-core needs a newer one than some images have."""
+WHEELS = sorted(CARRIED)
 CLIPS = sorted(p.name for p in DATA.glob("zh_*.flac"))
 
 

@@ -108,3 +108,15 @@ def test_dry_run_runs_two_processes_alone_then_together_without_host_absent_modu
     assert memory["alone_rtfx"] > 0 and all(v > 0 for v in memory["shared_rtfx"].values())
     assert report["imported_absent_modules"] == []
     assert all(p["imported_absent_modules"] == [] for p in memory["processes"].values())
+
+
+def test_modules_the_host_lacks_are_reported():
+    # In the belle2 venv: PyAV (absent there by name) and OpenCC once it is no longer carried.
+    code = (
+        "import sys; sys.path.insert(0, 'bench'); import av, opencc, gpu_check\n"
+        "gpu_check.CARRIED = gpu_check.CARRIED - {'opencc'}\n"
+        "print(gpu_check.absent_modules_imported())"
+    )
+    out = subprocess.run([str(BELLE2_PYTHON), "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "'av'" in out and "opencc (" in out.lower()
+    assert "numpy" not in out and "torch" not in out
