@@ -64,7 +64,7 @@ config: venvs
 serve: venvs models config
 	@$(BIN)/ray get-auth-token --generate >/dev/null 2>&1
 	if ! $(BIN)/ray status --address 127.0.0.1:$(RAY_PORT) >/dev/null 2>&1; then
-	    $(BIN)/ray start --head --port $(RAY_PORT) --dashboard-host 127.0.0.1 --dashboard-port $(DASHBOARD_PORT) --disable-usage-stats >/dev/null
+	    $(BIN)/ray start --head --node-ip-address 127.0.0.1 --port $(RAY_PORT) --dashboard-host 127.0.0.1 --dashboard-port $(DASHBOARD_PORT) --disable-usage-stats >/dev/null
 	fi
 	$(BIN)/serve deploy --address http://127.0.0.1:$(DASHBOARD_PORT) $(BUILD)/serve_config.local.yaml
 	$(PY) -m serve_app.ready --address http://127.0.0.1:$(DASHBOARD_PORT) --url http://127.0.0.1:$(PORT)

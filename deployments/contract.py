@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, FrozenSet, List, Literal, Mapping, NamedTuple, Optional, Tuple, TypedDict
 
+from deployments.languages import normalize_language
+
 SAMPLE_RATE = 16_000
 """Every model app takes mono float32 audio at this rate."""
 
@@ -21,6 +23,10 @@ Script = Literal["simplified", "traditional"]
 
 class InvalidOptionsError(ValueError):
     """Raised when a request's options are malformed; the ingress maps it to HTTP 400."""
+
+
+class UnsupportedLanguageError(InvalidOptionsError):
+    """The request names a language no Whisper model knows; mapped to HTTP 400 on `language`."""
 
 
 class InvalidAudioError(ValueError):
@@ -85,6 +91,11 @@ class TranscribeOptions:
     script: Script = "simplified"
 
     def __post_init__(self) -> None:
+        if self.language is not None:
+            try:
+                object.__setattr__(self, "language", normalize_language(self.language))
+            except ValueError as e:
+                raise UnsupportedLanguageError(str(e)) from None
         if self.task not in ("transcribe", "translate"):
             raise InvalidOptionsError(f"Got {self.task!r} for task; expected 'transcribe' or 'translate'.")
         if self.script not in ("simplified", "traditional"):

@@ -167,6 +167,11 @@ class ModelCore:
     def check_options(self, opts: TranscribeOptions) -> None:
         """Raises `InvalidOptionsError` for options this replica cannot serve as configured."""
 
+    def prompt_tokenizer(self) -> Optional[Tuple[Any, Any]]:
+        """(encode: text -> token ids, decode: token ids -> text) of the model's tokenizer, so
+        that `prepare` can cut a prompt longer than the decoder takes; None: no cutting."""
+        return None
+
     def decode_threads(self) -> int:
         """CPU threads each decoding thread runs on (0: the library's default)."""
         return self.args.cpu_threads if self.device == "cpu" else 0
@@ -213,7 +218,14 @@ class ModelCore:
         if refused:
             raise UnsupportedOptionError(describe_unhonoured(refused, opts), option=refused[0].option)
         self.check_options(opts)
-        return DecodeRequest(validate_audio(audio, max_seconds=self.args.max_audio_seconds), opts)
+        warnings: List[str] = []
+        tokenizer = self.prompt_tokenizer() if opts.initial_prompt else None
+        if tokenizer is not None:
+            prompt, warning = cut_prompt(opts.initial_prompt, *tokenizer)
+            if warning:
+                opts = dataclasses.replace(opts, initial_prompt=prompt)
+                warnings.append(warning)
+        return DecodeRequest(validate_audio(audio, max_seconds=self.args.max_audio_seconds), opts, warnings)
 
     def envelope(self, request: DecodeRequest, decoded: Decoded) -> TranscriptionResult:
         """The result: cleaned text, duration, warnings, model info (and the pin, if any)."""
@@ -288,6 +300,33 @@ def package_versions(names) -> dict:
         except importlib.metadata.PackageNotFoundError:
             out[name] = "absent"
     return out
+
+
+MAX_PROMPT_TOKENS = 223
+"""The most prompt tokens a Whisper decoder is given: half its 448-token context, less the
+`<|startofprev|>` token (openai/whisper and faster-whisper cut there too); longer prompts made
+transformers' generate raise."""
+
+
+def cut_prompt(text: str, encode, decode, max_tokens: int = MAX_PROMPT_TOKENS) -> Tuple[str, Optional[str]]:
+    """`text`, or its last `max_tokens` tokens with a warning saying so.
+
+    Args:
+        encode: text -> token ids; decode: token ids -> text (the model's tokenizer).
+    """
+    ids = list(encode(" " + text.strip()))
+    if len(ids) <= max_tokens:
+        return text, None
+    kept = decode(ids[-max_tokens:]).lstrip("\ufffd").strip()  # a character cut in two decodes to U+FFFD
+    return kept, (
+        f"The prompt was {len(ids)} tokens; the model takes at most {max_tokens}, so only its last "
+        f"{max_tokens} were used."
+    )
+
+
+def tokenizers_prompt_tokenizer(tokenizer: Any) -> Tuple[Any, Any]:
+    """`prompt_tokenizer()` for a `tokenizers.Tokenizer` (faster-whisper's `hf_tokenizer`)."""
+    return (lambda text: tokenizer.encode(text, add_special_tokens=False).ids), tokenizer.decode
 
 
 def validate_audio(audio: np.ndarray, *, max_seconds: Optional[float] = None) -> np.ndarray:

@@ -23,17 +23,19 @@ from ray.serve import Application
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.contract import InvalidOptionsError, ModelUnavailableError, TranscribeOptions
+from deployments.contract import SAMPLE_RATE, InvalidOptionsError, ModelUnavailableError, TranscribeOptions
 from deployments.core import package_versions, process_memory, validate_audio
 from deployments.runtime import check_environment
 from serve_app.admission import Admission
 from serve_app.audio import decode_audio
 from serve_app.config import AUTO_NAMES, IngressSettings
-from serve_app.errors import APIError, ErrorResponse, UploadTooLargeError, create_error_response, error_response_for
+from serve_app.errors import APIError, ErrorResponse, UploadTooLargeError, create_error_response, error_response_for, redact_paths
 from serve_app.formats import join_text, render, server_timing
+from serve_app.guards import ApiKeys, RequireApiKey, UploadLimits, configure
 from serve_app.langid import LanguageDetector
 from serve_app.protocol import TranscriptionRequest
 from serve_app.routing import AUTO, ModelRouter
+from serve_app.speech import contains_speech, no_speech_warning
 from serve_app.subtitles import compliant_share, subtitle_segments
 
 logger = logging.getLogger(__name__)
@@ -63,7 +65,14 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if isinstance(exc.__cause__, APIError):  # raised while FastAPI read the body (`UploadLimits`)
+        return error_response_for(exc.__cause__)
     return create_error_response(exc.status_code, str(exc.detail), type="invalid_request_error")
+
+
+# Outermost last: the key is checked before anything reads the body.
+api.add_middleware(UploadLimits)
+api.add_middleware(RequireApiKey)
 
 
 @api.exception_handler(APIError)
@@ -98,6 +107,12 @@ class TranscriptionIngress:
         self._router = ModelRouter(self._settings)
         self._detector = LanguageDetector(self._settings.language_id)
         self._admission = Admission(self._settings.max_in_flight, self._settings.retry_after_s)
+        configure(
+            api,
+            api_keys=ApiKeys(self._settings.api_keys),
+            upload_idle_timeout_s=self._settings.upload_idle_timeout_s,
+            max_upload_bytes=self._settings.max_upload_bytes,
+        )
 
     # -- HTTP --------------------------------------------------------------------------------
 
@@ -147,20 +162,13 @@ class TranscriptionIngress:
 
     @api.get("/v1/info")
     async def runtime_info(self) -> dict:
-        """Each app's runtime env: Python, Ray, torch / transformers / whisperx versions."""
-        own = {
-            "app": "transcription",
-            "python": platform.python_version(),
-            "python_executable": sys.executable,
-            "ray": ray.__version__,
-            "packages": package_versions(["torch", "transformers", "whisperx", "faster-whisper", "ctranslate2", "av"]),
-            "device": self._settings.language_id.device,
-            "model": self._settings.language_id.model,
-            "loaded": True,
-            "load_error": None,
-            "warnings": [],
-        }
-        return {"transcription": own, **{m: await self.model_info(m) for m in self._settings.model_apps}}
+        """Each app's runtime env: Python, Ray, torch / transformers / whisperx versions. Server
+        paths (interpreters, model directories) only with the `expose_paths` setting; the
+        handle method `info()` always has them."""
+        info = await self.info()
+        if self._settings.expose_paths:
+            return info
+        return {app: redact_paths({k: v for k, v in entry.items() if k != "python_executable"}) for app, entry in info.items()}
 
     # -- DeploymentHandle API ------------------------------------------------------------------
 
@@ -199,6 +207,22 @@ class TranscriptionIngress:
         opts = TranscribeOptions.from_dict({"language": language, "task": task, **options})
         body, segments, _ = await self._run(samples, model, opts, segmentation=segmentation)
         return {**body, "segments": segments}
+
+    async def info(self) -> dict:
+        """Every app's runtime env, server paths included (for callers inside the cluster)."""
+        own = {
+            "app": "transcription",
+            "python": platform.python_version(),
+            "python_executable": sys.executable,
+            "ray": ray.__version__,
+            "packages": package_versions(["torch", "transformers", "whisperx", "faster-whisper", "ctranslate2", "av"]),
+            "device": self._settings.language_id.device,
+            "model": self._settings.language_id.model,
+            "loaded": True,
+            "load_error": None,
+            "warnings": [],
+        }
+        return {"transcription": own, **{m: await self.model_info(m) for m in self._settings.model_apps}}
 
     def memory(self) -> dict:
         """This replica's resident memory now and at its peak (for bench/speed.py)."""
@@ -262,6 +286,8 @@ class TranscriptionIngress:
         subtitles = self._settings.subtitles
         as_subtitles = subtitles.enabled if segmentation is None else segmentation == "subtitle"
         requested = await self._router.resolve(requested)
+        if not await asyncio.to_thread(contains_speech, samples):
+            return await self._no_speech(samples, requested, opts, as_subtitles)
         language, probability = opts.language, None
         if language is None and await self._router.needs_language_id(requested, opts.task):
             started = time.perf_counter()
@@ -289,13 +315,31 @@ class TranscriptionIngress:
             "duration": result["duration"],
             "text": join_text(raw_segments, "en" if opts.task == "translate" else result.get("language") or language),
             "model": routed.model,
-            "model_info": result.get("model", {}),
+            "model_info": result.get("model", {}) if self._settings.expose_paths else redact_paths(result.get("model", {})),
             "warnings": routed.warnings + list(result.get("warnings", ())),
             "segmentation": "subtitle" if as_subtitles else "raw",
             "subtitle_compliant_share": compliant_share(segments, subtitles),
         }
         fallback = f"{model}->{routed.model}" if routed.fell_back else None
         return body, segments, fallback
+
+    async def _no_speech(self, samples: np.ndarray, requested: str, opts: TranscribeOptions, as_subtitles: bool):
+        """The answer for audio without speech: empty, with a warning; no model is called."""
+        model, _ = await self._router.choose(requested, opts.task, opts.language, None)
+        duration = samples.size / SAMPLE_RATE
+        body = {
+            "task": opts.task,
+            "language": opts.language,
+            "language_probability": None,
+            "duration": duration,
+            "text": "",
+            "model": model,
+            "model_info": {},
+            "warnings": [no_speech_warning(duration)],
+            "segmentation": "subtitle" if as_subtitles else "raw",
+            "subtitle_compliant_share": compliant_share([], self._settings.subtitles),
+        }
+        return body, [], None
 
 
 def build_app(args: Dict[str, Any]) -> Application:

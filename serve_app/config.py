@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import functools
-from typing import Dict, List, Optional, Union
+from typing import Annotated, Dict, List, Optional, Union
 
 from pydantic import BaseModel, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ModelName = str
 """A model's name in requests and config: a key of `IngressSettings.model_apps`."""
@@ -80,8 +80,29 @@ class IngressSettings(BaseSettings):
     request_timeout_s: float = Field(900.0, gt=0, description="How long the ingress waits for a model app before answering 504.")
     max_in_flight: int = Field(48, ge=1, description="HTTP transcriptions one ingress replica serves at once; more get 503 with Retry-After at once. Keep it below the deployment's max_ongoing_requests so the excess reaches the replica to be told.")
     retry_after_s: int = Field(5, ge=1, description="Retry-After (seconds) on a 503 for an overloaded ingress or model.")
+    api_keys: Annotated[List[str], NoDecode] = Field(
+        default_factory=list,
+        description="When set, every route but /health, / and the docs needs `Authorization: Bearer <key>` (401 otherwise). "
+        "Each entry a key, or 'sha256:<hex>' of one. From the env: KLIPNOTE_API_KEYS, comma-separated.",
+        repr=False,
+    )
+    upload_idle_timeout_s: float = Field(30.0, gt=0, description="An upload whose body sends nothing for this long is dropped (408).")
+    expose_paths: bool = Field(False, description="Admin flag: `GET /v1/info` and verbose_json's `model_info` show server paths (interpreters, model directories); off, they show versions and names only.")
     language_id: LanguageIdSettings = Field(default_factory=LanguageIdSettings)
     subtitles: SubtitleSettings = Field(default_factory=SubtitleSettings)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys_from_text(cls, v: Union[str, List[str]]):
+        return [k for k in v.split(",")] if isinstance(v, str) else v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, v: List[str]) -> List[str]:
+        from serve_app.guards import ApiKeys
+
+        ApiKeys(v)  # a malformed sha256: entry fails the deploy, naming the setting
+        return [k.strip() for k in v if k.strip()]
 
     @field_validator("model_apps", mode="before")
     @classmethod

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, Optional
+import re
+from typing import Any, Dict, Optional
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from deployments.contract import InvalidAudioError, InvalidOptionsError, ModelFailedError, ModelUnavailableError, UnsupportedOptionError
-from serve_app.audio import UnsupportedMediaError
+from deployments.contract import (
+    InvalidAudioError,
+    InvalidOptionsError,
+    ModelFailedError,
+    ModelUnavailableError,
+    UnsupportedLanguageError,
+    UnsupportedOptionError,
+)
+from serve_app.audio import TruncatedAudioError, UnsupportedMediaError
 
 # A refused option's form field, where it differs from the `TranscribeOptions` field.
 _FORM_FIELDS = {"initial_prompt": "prompt", "word_timestamps": "timestamp_granularities[]", "task": "model"}
@@ -54,8 +62,9 @@ class APIError(Exception):
 
 
 class UploadTooLargeError(APIError):
-    def __init__(self, size: int, limit: int):
-        super().__init__(413, f"The file is {size} bytes; the limit is {limit} bytes.", param="file", code="file_too_large")
+    def __init__(self, size: Optional[int], limit: int):
+        what = f"The file is {size} bytes" if size is not None else "The request body is too large"
+        super().__init__(413, f"{what}; the limit is {limit} bytes.", param="file", code="file_too_large")
 
 
 class IngressOverloadedError(APIError):
@@ -71,9 +80,54 @@ class IngressOverloadedError(APIError):
         )
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.@+-]+/)*([\w.@+-]+)")
+_IP_PORT = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b")
+_HEX_ID = re.compile(r"\b[0-9a-f]{24,}\b")
+_INTERNALS = ("Traceback (most recent call last)", "ray::", "RayTaskError", "File \"", "pid=", "actor_id")
+
+
+def redact(text: str) -> str:
+    """`text` without what a client must not see: absolute paths (their last part is kept),
+    IP addresses, long hexadecimal ids and terminal colours."""
+    text = _ANSI.sub("", text)
+    text = _ABSOLUTE_PATH.sub(lambda m: m.group(1), text)
+    text = _IP_PORT.sub("<address>", text)
+    return _HEX_ID.sub("<id>", text)
+
+
+def client_message(text: str, fallback: str) -> str:
+    """What a client is told: `text` redacted, or `fallback` where `text` is a traceback or
+    carries Ray's internals (the full text goes to the log)."""
+    if any(marker in text for marker in _INTERNALS):
+        logger.warning("Replaced an error message with internals in it: %s", text)
+        return fallback
+    return redact(text)
+
+
+def redact_paths(value: Any) -> Any:
+    """A copy of a JSON-like value with absolute paths cut to their last part (model info;
+    versions like 1.2.3.4 must survive, so addresses are left to `client_message`)."""
+    if isinstance(value, str):
+        return _ABSOLUTE_PATH.sub(lambda m: m.group(1), value)
+    if isinstance(value, dict):
+        return {k: redact_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_paths(v) for v in value]
+    return value
+
+
 def create_error_response(status: int, message: str, *, type: str, param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None) -> JSONResponse:
+    message = client_message(message, _GENERIC.get(status, "The request could not be served."))
     body = ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code))
     return JSONResponse(status_code=status, content=body.model_dump(), headers=headers)
+
+
+_GENERIC = {
+    400: "The request is invalid.",
+    500: "The service failed on this request.",
+    503: "The service cannot take this request now; retry later.",
+}
 
 
 def error_response_for(exc: BaseException) -> JSONResponse:
@@ -89,8 +143,12 @@ def error_response_for(exc: BaseException) -> JSONResponse:
         return create_error_response(415, str(exc), type="invalid_request_error", param="file", code="unsupported_media")
     if isinstance(exc, UnsupportedOptionError):
         return create_error_response(400, str(exc), type="invalid_request_error", param=_FORM_FIELDS.get(exc.option, exc.option), code="unsupported_option")
+    if isinstance(exc, UnsupportedLanguageError):
+        return create_error_response(400, str(exc), type="invalid_request_error", param="language", code="unsupported_language")
     if isinstance(exc, UnknownModelError):
         return create_error_response(400, str(exc), type="invalid_request_error", param="model", code="model_not_found")
+    if isinstance(exc, TruncatedAudioError):
+        return create_error_response(400, str(exc), type="invalid_request_error", param="file", code="truncated_audio")
     if isinstance(exc, InvalidAudioError):
         return create_error_response(400, str(exc), type="invalid_request_error", param="file", code="invalid_audio")
     if isinstance(exc, (InvalidOptionsError, ValueError)):
@@ -113,8 +171,25 @@ def error_response_for(exc: BaseException) -> JSONResponse:
         return create_error_response(500, f"The model failed on this request ({str(exc).split(':')[0]}).", type="server_error", code="model_failed")
     if isinstance(exc, NotImplementedError):
         return create_error_response(501, str(exc) or "Not implemented.", type="invalid_request_error")
+    if _replica_lost(exc):
+        logger.warning("A model replica was lost mid-request: %s", exc)
+        return create_error_response(
+            503,
+            "The model replica serving this request stopped before it answered (it is being restarted); retry in 10 s.",
+            type="server_error",
+            code="model_replica_lost",
+            headers={"Retry-After": "10"},
+        )
     logger.exception("Unhandled error", exc_info=exc)
     return create_error_response(500, f"Internal error: {type(exc).__name__}", type="server_error")
+
+
+def _replica_lost(exc: BaseException) -> bool:
+    """A Ray actor, worker or node died, or a Serve replica became unreachable."""
+    from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+    return isinstance(exc, (RayActorError, WorkerCrashedError, NodeDiedError, ReplicaUnavailableError, DeploymentUnavailableError))
 
 
 def _cause(exc: BaseException) -> BaseException:

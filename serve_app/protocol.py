@@ -8,6 +8,7 @@ from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.contract import TranscribeOptions
+from deployments.languages import asks_traditional_script
 
 ResponseFormat = Literal["json", "text", "srt", "verbose_json", "vtt"]
 TimestampGranularity = Literal["word", "segment"]
@@ -25,7 +26,9 @@ class TranscriptionRequest(BaseModel):
     """"auto" (route by language; "whisper-1" means the same) or a model of `GET /v1/models`."""
 
     language: Optional[str] = None
-    """ISO 639-1 code of the audio's language; detected when absent."""
+    """ISO 639-1 code of the audio's language; detected when absent. Tags, other ISO codes and
+    English names are accepted (`zh-CN`, `cmn`, `mandarin` -> `zh`); `zh-TW`, `zh-HK` and
+    `zh-Hant` also ask for Traditional script unless `script` is given."""
 
     prompt: Optional[str] = None
     """Text to guide the model's style or continue a previous segment."""
@@ -77,7 +80,7 @@ class TranscriptionRequest(BaseModel):
             (0.0, 0.2, 0.4, 0.6, 0.8, 1.0) if self.temperature == 0 else (self.temperature,)
         )
         return TranscribeOptions(
-            language=self.language.lower() if self.language else None,
+            language=self.language,
             task=task,
             initial_prompt=self.prompt,
             temperature=temperature,
@@ -85,5 +88,5 @@ class TranscriptionRequest(BaseModel):
             diarize=self.diarize,
             min_speakers=self.min_speakers,
             max_speakers=self.max_speakers,
-            **({"script": self.script} if self.script else {}),
+            **({"script": self.script} if self.script else {"script": "traditional"} if self.language and asks_traditional_script(self.language) else {}),
         )

@@ -24,9 +24,16 @@ def test_all_applications_run_healthy(serve_cluster):
     assert health.json()["models"] == {"belle2": True, "whisperx": True}
 
 
-def test_each_app_runs_in_its_own_venv(base_url):
-    info = httpx.get(f"{base_url}/v1/info", timeout=60).json()
+def test_each_app_runs_in_its_own_venv(base_url, serve_cluster):
+    from ray import serve
+
+    public = httpx.get(f"{base_url}/v1/info", timeout=60).json()
+    # Over HTTP: versions, no server paths.
+    assert all("python_executable" not in entry for entry in public.values())
+    assert str(ROOT) not in json.dumps(public)
+    info = serve.get_app_handle("transcription").info.remote().result(timeout_s=60)
     belle2, whisperx, ingress = info["belle2"], info["whisperx"], info["transcription"]
+    assert {app: entry["packages"] for app, entry in public.items()} == {app: entry["packages"] for app, entry in info.items()}
     assert belle2["python_executable"].startswith(str(ROOT / ".venvs" / "belle2"))
     assert whisperx["python_executable"].startswith(str(ROOT / ".venvs" / "whisperx"))
     assert ingress["python_executable"].startswith(str(ROOT / ".venvs" / "ingress"))

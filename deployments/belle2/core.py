@@ -101,6 +101,10 @@ class Belle2Core(ModelCore):
     def decode_threads(self) -> int:
         return self._decoder_threads
 
+    def prompt_tokenizer(self):
+        tokenizer = self._processor.tokenizer
+        return (lambda text: tokenizer.encode(text, add_special_tokens=False)), tokenizer.decode
+
     def describe(self) -> ModelInfo:
         return ModelInfo(engine="transformers", compute_type=self._compute_type)
 

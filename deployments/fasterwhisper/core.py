@@ -12,7 +12,7 @@ from typing import List
 from pydantic import Field
 
 from deployments.contract import SAMPLE_RATE, ModelInfo, ModelSpec, Segment
-from deployments.core import Decoded, DecodeRequest, ModelAppArgs, ModelCore, ct2_whisper, spec_options
+from deployments.core import Decoded, DecodeRequest, ModelAppArgs, ModelCore, ct2_whisper, spec_options, tokenizers_prompt_tokenizer
 
 
 class FasterWhisperArgs(ModelAppArgs):
@@ -52,6 +52,9 @@ class FasterWhisperCore(ModelCore):
 
     def describe(self) -> ModelInfo:
         return ModelInfo(engine="faster-whisper", compute_type=self._compute_type)
+
+    def prompt_tokenizer(self):
+        return tokenizers_prompt_tokenizer(self._model.hf_tokenizer)
 
     def decode(self, request: DecodeRequest) -> Decoded:
         opts = request.options

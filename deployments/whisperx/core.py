@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import Field
 
 from deployments.contract import SAMPLE_RATE, InvalidOptionsError, ModelInfo, ModelSpec, ModelUnavailableError, Segment, TranscribeOptions
-from deployments.core import Decoded, DecodeRequest, ModelAppArgs, ModelCore, ct2_whisper, spec_options
+from deployments.core import Decoded, DecodeRequest, ModelAppArgs, ModelCore, ct2_whisper, spec_options, tokenizers_prompt_tokenizer
 from deployments.pinned_decode import PinnedLengthWhisper, counting_window_tokens
 from deployments.whisperx.stages import AlignModelCache, as_segment, asr_options, audio_windows, release_freed_memory, shifted
 
@@ -103,6 +103,9 @@ class WhisperXCore(ModelCore):
 
     def describe(self) -> ModelInfo:
         return ModelInfo(engine="whisperx", compute_type=self._compute_type)
+
+    def prompt_tokenizer(self):
+        return tokenizers_prompt_tokenizer(self._model.hf_tokenizer)
 
     def check_options(self, opts: TranscribeOptions) -> None:
         # min > max and values < 1 are rejected by TranscribeOptions itself.
