@@ -1,10 +1,14 @@
 """Admission control in the ingress: a full replica answers at once instead of queueing.
 
 Serve queues what a replica cannot take (`max_ongoing_requests`) and rejects beyond
-`max_queued_requests` with a plain-text body. The ingress admits at most `max_in_flight` HTTP
-transcriptions per replica and answers the rest with 503, OpenAI's error body and Retry-After,
-so an overloaded service is never a hang. The deployment's `max_ongoing_requests` must exceed
-`max_in_flight`, so the requests over the limit reach the replica to be told.
+`max_queued_requests` with a fixed plain-text body that cannot be changed. So the ingress
+deployment's own queue is unbounded (`max_queued_requests: -1`: Serve never rejects there) and
+the ingress admits at most `max_in_flight` transcriptions per replica, answering the rest with
+503, OpenAI's error body and Retry-After. For HTTP it decides before the upload is read
+(`AdmitTranscriptions`, ASGI middleware), so the answer comes at once whatever the file's size.
+The deployment's `max_ongoing_requests` must exceed `max_in_flight`, so the requests over the
+limit reach the replica to be told. A full model app's queue is Serve's `BackPressureError` at
+the handle, answered as 503 `model_overloaded` (or served by the fallback model).
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import contextlib
 import logging
 from typing import Iterator
 
-from serve_app.errors import IngressOverloadedError
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from serve_app.errors import IngressOverloadedError, error_response_for
 
 logger = logging.getLogger(__name__)
 
@@ -46,3 +52,39 @@ class Admission:
             yield
         finally:
             self._in_flight -= 1
+
+
+ADMITTED_PATHS = ("/v1/audio/",)
+"""Routes that transcribe: the only ones that take a slot."""
+
+
+class AdmitTranscriptions:
+    """Takes an admission slot (`app.state.admission`) for each transcription request before
+    its body is read, holds it until the response is sent, and answers 503 at once without one."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        admission = getattr(scope["app"].state, "admission", None) if scope["type"] == "http" else None
+        if admission is None or scope["method"] != "POST" or not route_path(scope).startswith(ADMITTED_PATHS):
+            await self.app(scope, receive, send)
+            return
+        try:
+            slot = admission.admit()
+            slot.__enter__()
+        except IngressOverloadedError as refused:
+            response = error_response_for(refused)
+            response.headers["Connection"] = "close"  # the upload behind it is not read
+            await response(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            slot.__exit__(None, None, None)
+
+
+def route_path(scope: Scope) -> str:
+    """The path within the app (an application's route prefix is the scope's root_path)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path

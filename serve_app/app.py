@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deployments.contract import SAMPLE_RATE, InvalidOptionsError, ModelUnavailableError, TranscribeOptions
 from deployments.core import package_versions, process_memory, validate_audio
 from deployments.runtime import check_environment
-from serve_app.admission import Admission
+from serve_app.admission import AdmitTranscriptions, Admission
 from serve_app.audio import decode_audio
 from serve_app.config import AUTO_NAMES, IngressSettings
 from serve_app.errors import APIError, ErrorResponse, UploadTooLargeError, create_error_response, error_response_for, redact_paths
@@ -72,6 +72,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 # Outermost last: the key is checked before anything reads the body.
 api.add_middleware(UploadLimits)
+api.add_middleware(AdmitTranscriptions)
 api.add_middleware(RequireApiKey)
 
 
@@ -107,6 +108,7 @@ class TranscriptionIngress:
         self._router = ModelRouter(self._settings)
         self._detector = LanguageDetector(self._settings.language_id)
         self._admission = Admission(self._settings.max_in_flight, self._settings.retry_after_s)
+        api.state.admission = self._admission
         configure(
             api,
             api_keys=ApiKeys(self._settings.api_keys),
@@ -238,15 +240,15 @@ class TranscriptionIngress:
     # -- stages ------------------------------------------------------------------------------
 
     async def _serve_http(self, request: TranscriptionRequest, *, task: str) -> Response:
-        with self._admission.admit():
-            data = await self._read_upload(request)
-            started = time.perf_counter()
-            samples = await asyncio.to_thread(decode_audio, data, max_seconds=self._settings.max_audio_seconds)
-            timings = {"decode": time.perf_counter() - started}
-            opts = request.to_transcribe_options(task=task)
-            body, segments, fallback = await self._run(
-                samples, request.model, opts, segmentation=request.segmentation, timings=timings
-            )
+        # The admission slot was taken before the upload was read (`AdmitTranscriptions`).
+        data = await self._read_upload(request)
+        started = time.perf_counter()
+        samples = await asyncio.to_thread(decode_audio, data, max_seconds=self._settings.max_audio_seconds)
+        timings = {"decode": time.perf_counter() - started}
+        opts = request.to_transcribe_options(task=task)
+        body, segments, fallback = await self._run(
+            samples, request.model, opts, segmentation=request.segmentation, timings=timings
+        )
         headers = {MODEL_HEADER: body["model"], "Server-Timing": server_timing(timings)}
         if fallback:
             headers[FALLBACK_HEADER] = fallback

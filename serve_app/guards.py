@@ -15,6 +15,7 @@ from typing import Iterable, Optional
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve_app.admission import route_path
 from serve_app.errors import APIError, UploadTooLargeError, create_error_response
 
 OPEN_PATHS = frozenset({"/", "/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
@@ -72,7 +73,7 @@ class RequireApiKey:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         keys: Optional[ApiKeys] = getattr(scope["app"].state, "api_keys", None) if scope["type"] == "http" else None
-        if not keys or _route_path(scope) in OPEN_PATHS or scope["method"] == "OPTIONS":
+        if not keys or route_path(scope) in OPEN_PATHS or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
@@ -86,12 +87,6 @@ class RequireApiKey:
             return
         response = create_error_response(401, message, type="invalid_request_error", code=code, headers={"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)
-
-
-def _route_path(scope: Scope) -> str:
-    """The path within the app (an application's route prefix is the scope's root_path)."""
-    path, root = scope["path"], scope.get("root_path", "")
-    return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
 class UploadStalledError(APIError):

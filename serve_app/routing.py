@@ -70,6 +70,7 @@ class ModelRouter:
     """Finds model apps by name, knows whether they can serve and what they honour, calls them."""
 
     _STATUS_TTL_S = 2.0
+    _LIVENESS_CHECK_S = 1.0
 
     def __init__(self, settings: IngressSettings):
         self._settings = settings
@@ -199,11 +200,27 @@ class ModelRouter:
         except RayServeException as e:
             raise ModelUnavailableError(f"application not found: {_last_line(str(e))}") from e
         response = getattr(handle, method).remote(*args)
+        waiting = asyncio.ensure_future(response)
+        deadline = time.monotonic() + self._settings.request_timeout_s
         try:
-            return await asyncio.wait_for(response, timeout=self._settings.request_timeout_s)
-        except asyncio.TimeoutError:
-            response.cancel()
-            raise TimeoutError(f"{model} did not answer within {self._settings.request_timeout_s} s.") from None
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{model} did not answer within {self._settings.request_timeout_s} s.")
+                done, _ = await asyncio.wait({waiting}, timeout=min(left, self._LIVENESS_CHECK_S))
+                if done:
+                    return waiting.result()
+                # A request queued on a replica that died would wait for its restart (a minute for
+                # BELLE-2): once the app has no running replica, it is handed back (the caller
+                # falls back) rather than left waiting.
+                state = await self.state(model)
+                if not state.running:
+                    raise ModelUnavailableError(f"{model} has no running replica while this request waited ({state.reason()})")
+        except BaseException:
+            if not waiting.done():
+                response.cancel()
+                waiting.cancel()
+            raise
 
     async def transcribe(self, model: ModelName, audio: np.ndarray, opts: TranscribeOptions, *, explicit: bool, why: str) -> RoutedResult:
         """Transcribes with `model`, falling back to the configured fallback model on failure.

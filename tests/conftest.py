@@ -66,6 +66,11 @@ class ServeCluster(LocalServeCluster):
         super().wait(names, timeout_s=timeout_s)
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Tests that kill replicas run after every other test, so no other test meets a restart."""
+    items.sort(key=lambda item: item.get_closest_marker("chaos") is not None)
+
+
 @pytest.fixture(scope="session")
 def serve_cluster():
     with ServeCluster() as cluster:

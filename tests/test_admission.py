@@ -101,6 +101,25 @@ def _probe_apps(serve_cluster) -> list:
     return probes
 
 
+def _headers_then_wait(base_url: str, path: str, *, declared: int) -> bytes:
+    """Sends a request's headers and 20 bytes of a `declared`-byte body, then reads the answer."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(base_url)
+    head = (f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+            f"Content-Length: {declared}\r\n\r\n--x\r\nContent-Disp")
+    with socket.create_connection((url.hostname, url.port), timeout=60) as sock:
+        sock.sendall(head.encode())
+        answer = b""
+        while b"}}" not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return answer
+
+
 def _post(url: str, audio: bytes, **form) -> httpx.Response:
     return httpx.post(url, files={"file": ("zh.flac", audio)}, data={"response_format": "verbose_json", **form}, timeout=900)
 
@@ -140,6 +159,9 @@ def test_full_queues_fall_back_or_answer_503_never_hang(serve_cluster, data_dir)
         assert r.headers["Retry-After"] == "5"
         error = r.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["code"] == "ingress_overloaded"
+        # ... before the upload is read: the answer comes while most of the body is still unsent
+        raw = _headers_then_wait(f"{serve_cluster.url}", "/probe-admission/v1/audio/transcriptions", declared=10_000_000)
+        assert raw.startswith(b"HTTP/1.1 503") and b'"ingress_overloaded"' in raw, raw[:300]
 
         # a handle caller, without fallback, gets Serve's BackPressureError for the full model queue
         with pytest.raises(BackPressureError):
