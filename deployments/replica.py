@@ -24,7 +24,7 @@ from deployments.contract import (
     ModelUnavailableError,
     TranscriptionResult,
 )
-from deployments.core import ModelCore, import_core, process_memory
+from deployments.core import ModelCore, import_core, process_memory, release_free_memory
 from deployments.runtime import assigned_gpu_fraction, check_environment, publish_spec
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,9 @@ class ModelReplica:
         self._versions = check_environment()
         self.core: ModelCore = import_core(core)(args, gpu_fraction=assigned_gpu_fraction() or None)
         publish_spec(serve.get_replica_context().app_name, self.spec())
+        self._in_flight = 0
+        self._release: Optional[asyncio.Future] = None
+        release_free_memory()  # what loading and the warm-up freed
 
     async def transcribe(self, audio: np.ndarray, options: Optional[dict] = None) -> TranscriptionResult:
         """Transcribes 16 kHz mono float32 audio (`ModelCore.transcribe`) in a worker thread.
@@ -48,6 +51,7 @@ class ModelReplica:
             ModelUnavailableError: The model cannot serve.
             ModelFailedError: Anything else that went wrong, by type name and message.
         """
+        self._in_flight += 1
         try:
             return await asyncio.to_thread(self.core.transcribe, audio, options)
         except _CONTRACT_ERRORS:
@@ -55,6 +59,11 @@ class ModelReplica:
         except Exception as e:
             logger.exception("Transcription failed.")
             raise ModelFailedError(f"{type(e).__name__}: {e}") from None
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                # After the answer, not before it: the release takes tens of milliseconds.
+                self._release = asyncio.ensure_future(asyncio.to_thread(release_free_memory))
 
     def spec(self) -> dict:
         """What this model is for and what it honours (`ModelSpec.to_dict()`)."""

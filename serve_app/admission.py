@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -27,10 +27,12 @@ logger = logging.getLogger(__name__)
 class Admission:
     """Counts the transcriptions in flight on this replica and refuses those over the limit."""
 
-    def __init__(self, max_in_flight: int, retry_after_s: int):
+    def __init__(self, max_in_flight: int, retry_after_s: int, on_idle: Optional[Callable[[], None]] = None):
         self._limit = max_in_flight
         self._retry_after_s = retry_after_s
         self._in_flight = 0
+        self._on_idle = on_idle
+        """Called (in the event loop) when the last transcription in flight ends."""
 
     @property
     def in_flight(self) -> int:
@@ -52,6 +54,8 @@ class Admission:
             yield
         finally:
             self._in_flight -= 1
+            if self._in_flight == 0 and self._on_idle is not None:
+                self._on_idle()
 
 
 ADMITTED_PATHS = ("/v1/audio/",)
