@@ -18,6 +18,7 @@ or Serve (bench/, the GPU check); `deployments/replica.py` puts a core behind Se
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib.metadata
 import logging
@@ -451,6 +452,12 @@ def release_free_memory() -> int:
     return max(0, before - process_memory()["rss_bytes"])
 
 
+def release_free_memory_soon() -> asyncio.Future:
+    """`release_free_memory` in a worker thread, not awaited: for the event loop, after an answer
+    has gone (the release takes tens of milliseconds). Keep the future while it runs."""
+    return asyncio.ensure_future(asyncio.to_thread(release_free_memory))
+
+
 def resolve_compute_type(compute_type: str, device: str) -> str:
     """'default' becomes float16 on cuda and float32 on cpu; any other value stays."""
     if compute_type == "default":
@@ -508,6 +515,8 @@ __all__ = [
     "package_versions",
     "process_memory",
     "resolve_compute_type",
+    "release_free_memory",
+    "release_free_memory_soon",
     "resolve_device",
     "set_torch_threads",
     "spec_options",

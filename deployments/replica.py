@@ -24,7 +24,7 @@ from deployments.contract import (
     ModelUnavailableError,
     TranscriptionResult,
 )
-from deployments.core import ModelCore, import_core, process_memory, release_free_memory
+from deployments.core import ModelCore, import_core, process_memory, release_free_memory, release_free_memory_soon
 from deployments.runtime import assigned_gpu_fraction, check_environment, publish_spec
 
 logger = logging.getLogger(__name__)
@@ -62,8 +62,7 @@ class ModelReplica:
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
-                # After the answer, not before it: the release takes tens of milliseconds.
-                self._release = asyncio.ensure_future(asyncio.to_thread(release_free_memory))
+                self._release = release_free_memory_soon()
 
     def spec(self) -> dict:
         """What this model is for and what it honours (`ModelSpec.to_dict()`)."""

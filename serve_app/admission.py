@@ -74,18 +74,15 @@ class AdmitTranscriptions:
         if admission is None or scope["method"] != "POST" or not route_path(scope).startswith(ADMITTED_PATHS):
             await self.app(scope, receive, send)
             return
-        try:
-            slot = admission.admit()
-            slot.__enter__()
-        except IngressOverloadedError as refused:
-            response = error_response_for(refused)
-            response.headers["Connection"] = "close"  # the upload behind it is not read
-            await response(scope, receive, send)
-            return
-        try:
+        with contextlib.ExitStack() as slot:
+            try:
+                slot.enter_context(admission.admit())
+            except IngressOverloadedError as refused:
+                response = error_response_for(refused)
+                response.headers["Connection"] = "close"  # the upload behind it is not read
+                await response(scope, receive, send)
+                return
             await self.app(scope, receive, send)
-        finally:
-            slot.__exit__(None, None, None)
 
 
 def route_path(scope: Scope) -> str:

@@ -24,7 +24,7 @@ from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.contract import SAMPLE_RATE, InvalidOptionsError, ModelUnavailableError, TranscribeOptions
-from deployments.core import package_versions, process_memory, release_free_memory, validate_audio
+from deployments.core import package_versions, process_memory, release_free_memory_soon, validate_audio
 from deployments.runtime import check_environment
 from serve_app.admission import AdmitTranscriptions, Admission
 from serve_app.audio import decode_audio
@@ -108,9 +108,9 @@ class TranscriptionIngress:
         self._router = ModelRouter(self._settings)
         self._detector = LanguageDetector(self._settings.language_id)
         self._admission = Admission(self._settings.max_in_flight, self._settings.retry_after_s, on_idle=self._release_memory)
-        api.state.admission = self._admission
         configure(
             api,
+            admission=self._admission,
             api_keys=ApiKeys(self._settings.api_keys),
             upload_idle_timeout_s=self._settings.upload_idle_timeout_s,
             max_upload_bytes=self._settings.max_upload_bytes,
@@ -228,8 +228,8 @@ class TranscriptionIngress:
 
     def _release_memory(self) -> None:
         # Uploads and decoded audio are freed with their request; glibc keeps the pages unless
-        # asked (deployments/core.py). After the answer, in a thread: it takes milliseconds.
-        self._release = asyncio.ensure_future(asyncio.to_thread(release_free_memory))
+        # asked (deployments/core.py).
+        self._release = release_free_memory_soon()
 
     def memory(self) -> dict:
         """This replica's resident memory now and at its peak (for bench/speed.py)."""

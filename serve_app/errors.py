@@ -87,11 +87,15 @@ _HEX_ID = re.compile(r"\b[0-9a-f]{24,}\b")
 _INTERNALS = ("Traceback (most recent call last)", "ray::", "RayTaskError", "File \"", "pid=", "actor_id")
 
 
+def _cut_paths(text: str) -> str:
+    """Absolute paths in `text` cut to their last part."""
+    return _ABSOLUTE_PATH.sub(lambda m: m.group(1), text)
+
+
 def redact(text: str) -> str:
     """`text` without what a client must not see: absolute paths (their last part is kept),
     IP addresses, long hexadecimal ids and terminal colours."""
-    text = _ANSI.sub("", text)
-    text = _ABSOLUTE_PATH.sub(lambda m: m.group(1), text)
+    text = _cut_paths(_ANSI.sub("", text))
     text = _IP_PORT.sub("<address>", text)
     return _HEX_ID.sub("<id>", text)
 
@@ -109,7 +113,7 @@ def redact_paths(value: Any) -> Any:
     """A copy of a JSON-like value with absolute paths cut to their last part (model info;
     versions like 1.2.3.4 must survive, so addresses are left to `client_message`)."""
     if isinstance(value, str):
-        return _ABSOLUTE_PATH.sub(lambda m: m.group(1), value)
+        return _cut_paths(value)
     if isinstance(value, dict):
         return {k: redact_paths(v) for k, v in value.items()}
     if isinstance(value, list):

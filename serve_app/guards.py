@@ -15,8 +15,8 @@ from typing import Iterable, Optional
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve_app.admission import route_path
-from serve_app.errors import APIError, UploadTooLargeError, create_error_response
+from serve_app.admission import Admission, route_path
+from serve_app.errors import APIError, UploadTooLargeError, create_error_response, error_response_for
 
 OPEN_PATHS = frozenset({"/", "/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 """Routes that need no API key: health checks, and the docs (which hold no data)."""
@@ -57,8 +57,9 @@ MULTIPART_ALLOWANCE_BYTES = 1024 * 1024
 """Room for the form fields and multipart framing around a file of `max_upload_bytes`."""
 
 
-def configure(app, *, api_keys: ApiKeys, upload_idle_timeout_s: float, max_upload_bytes: int) -> None:
-    """Sets this replica's guards on the FastAPI app."""
+def configure(app, *, admission: Admission, api_keys: ApiKeys, upload_idle_timeout_s: float, max_upload_bytes: int) -> None:
+    """Sets this replica's guards on the FastAPI app (the middleware read them from `app.state`)."""
+    app.state.admission = admission
     app.state.api_keys = api_keys
     app.state.upload_idle_timeout_s = upload_idle_timeout_s
     app.state.max_upload_bytes = max_upload_bytes
@@ -112,8 +113,8 @@ class UploadLimits:
         idle_s, limit = state.upload_idle_timeout_s, max_upload + MULTIPART_ALLOWANCE_BYTES
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            response = create_error_response(413, UploadTooLargeError(None, max_upload).message, type="invalid_request_error",
-                                             param="file", code="file_too_large", headers={"Connection": "close"})
+            response = error_response_for(UploadTooLargeError(None, max_upload))
+            response.headers["Connection"] = "close"  # the body behind it is not read
             await response(scope, receive, send)
             return
         received = 0
