@@ -19,12 +19,14 @@ or Serve (bench/, the GPU check); `deployments/replica.py` puts a core behind Se
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import importlib.metadata
 import logging
 import os
 import platform
 import sys
+import threading
 import time
 from typing import Any, ClassVar, List, Mapping, Optional, Tuple, Type, Union
 
@@ -419,8 +421,8 @@ def process_memory(reset_peak: bool = False) -> dict:
                 f.write("5")  # "5" resets the peak RSS (VmHWM); see proc(5)
         except OSError:
             logger.warning("Could not reset the peak RSS (not Linux?).")
-    fields = {"VmRSS": "rss_bytes", "VmHWM": "peak_rss_bytes"}
-    out = {"pid": os.getpid(), "rss_bytes": 0, "peak_rss_bytes": 0}
+    fields = {"VmRSS": "rss_bytes", "VmHWM": "peak_rss_bytes", "RssAnon": "rss_anon_bytes", "RssShmem": "rss_shmem_bytes"}
+    out = {"pid": os.getpid(), **{name: 0 for name in fields.values()}}
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -430,6 +432,43 @@ def process_memory(reset_peak: bool = False) -> dict:
     except OSError:  # not Linux: report zeros rather than fail a bench
         pass
     return out
+
+
+class TranscriptionCancelled(Exception):
+    """The caller stopped waiting (a client went away, a timeout): the decode stops at its next batch."""
+
+
+_STOP: contextvars.ContextVar[Optional[threading.Event]] = contextvars.ContextVar("klipnote_stop", default=None)
+
+
+def stop_if_cancelled() -> None:
+    """Raises `TranscriptionCancelled` once the request this thread decodes for was cancelled.
+
+    Model cores call it between batches. A thread cannot be interrupted: Serve's cancellation
+    reaches the coroutine that awaits the thread, and without this the decode ran on, for
+    minutes on a long recording, for nobody.
+    """
+    stop = _STOP.get()
+    if stop is not None and stop.is_set():
+        raise TranscriptionCancelled()
+
+
+async def run_cancellable(fn: Any, *args: Any) -> Any:
+    """`fn(*args)` in a worker thread that stops at its next `stop_if_cancelled` when the awaiting
+    task is cancelled.
+
+    Raises:
+        asyncio.CancelledError: The task was cancelled (the thread stops soon after, on its own).
+    """
+    stop = threading.Event()
+    token = _STOP.set(stop)  # asyncio.to_thread runs fn in a copy of this context
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except asyncio.CancelledError:
+        stop.set()
+        raise
+    finally:
+        _STOP.reset(token)
 
 
 def release_free_memory() -> int:

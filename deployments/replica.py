@@ -9,8 +9,9 @@ an exception class from torch or transformers would not unpickle in the ingress 
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import threading
+import time
 from typing import Any, Dict, Optional, Type
 
 import numpy as np
@@ -24,7 +25,7 @@ from deployments.contract import (
     ModelUnavailableError,
     TranscriptionResult,
 )
-from deployments.core import ModelCore, import_core, process_memory, release_free_memory, release_free_memory_soon
+from deployments.core import ModelCore, TranscriptionCancelled, import_core, process_memory, release_free_memory, run_cancellable
 from deployments.runtime import assigned_gpu_fraction, check_environment, publish_spec
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,9 @@ class ModelReplica:
         self.core: ModelCore = import_core(core)(args, gpu_fraction=assigned_gpu_fraction() or None)
         publish_spec(serve.get_replica_context().app_name, self.spec())
         self._in_flight = 0
-        self._release: Optional[asyncio.Future] = None
+        self._decoding = 0
+        self._cancelled = 0
+        self._counts = threading.Lock()
         release_free_memory()  # what loading and the warm-up freed
 
     async def transcribe(self, audio: np.ndarray, options: Optional[dict] = None) -> TranscriptionResult:
@@ -53,7 +56,7 @@ class ModelReplica:
         """
         self._in_flight += 1
         try:
-            return await asyncio.to_thread(self.core.transcribe, audio, options)
+            return await run_cancellable(self._decode, audio, options)
         except _CONTRACT_ERRORS:
             raise
         except Exception as e:
@@ -61,8 +64,31 @@ class ModelReplica:
             raise ModelFailedError(f"{type(e).__name__}: {e}") from None
         finally:
             self._in_flight -= 1
-            if self._in_flight == 0:
-                self._release = release_free_memory_soon()
+
+    def _decode(self, audio: np.ndarray, options: Optional[dict]) -> Optional[TranscriptionResult]:
+        """`core.transcribe` in the worker thread, counted: Serve stops counting a cancelled
+        request at once, while its thread runs to the next batch (`activity()` shows both)."""
+        with self._counts:
+            self._decoding += 1
+        try:
+            return self.core.transcribe(audio, options)
+        except TranscriptionCancelled:
+            logger.info("Stopped decoding a cancelled request.")
+            with self._counts:
+                self._cancelled += 1
+            return None  # nobody awaits it any more
+        finally:
+            with self._counts:
+                self._decoding -= 1
+                idle = self._decoding == 0
+            if idle:
+                release_free_memory()  # what the decode freed; glibc keeps it otherwise
+
+    def activity(self) -> dict:
+        """Requests in flight (Serve's view), decodes still running in threads, decodes stopped
+        by a cancellation since start, and this process's CPU seconds."""
+        with self._counts:
+            return {"in_flight": self._in_flight, "decoding": self._decoding, "cancelled": self._cancelled, "cpu_seconds": time.process_time()}
 
     def spec(self) -> dict:
         """What this model is for and what it honours (`ModelSpec.to_dict()`)."""

@@ -7,16 +7,19 @@ runtime envs and are reached by name with `serve.get_app_handle`.
 
 
 import asyncio
+import contextlib
+import functools
 import logging
 import platform
 import sys
 import time
-from typing import Annotated, Any, Dict, Optional, Union
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Annotated, Any, AsyncIterator, BinaryIO, Callable, Dict, List, Optional, Union
 
 import numpy as np
 from fastapi import Depends, FastAPI, Form, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 import ray
 from ray import serve
 from ray.serve import Application
@@ -27,16 +30,17 @@ from deployments.contract import SAMPLE_RATE, InvalidOptionsError, ModelUnavaila
 from deployments.core import package_versions, process_memory, release_free_memory_soon, validate_audio
 from deployments.runtime import check_environment
 from serve_app.admission import AdmitTranscriptions, Admission
-from serve_app.audio import decode_audio
+from serve_app.audio import AudioReader
+from serve_app.events import sse_stream, stream_events
+from serve_app.pieces import cut_pieces, feed_pieces
+from serve_app.transcription import Transcription
 from serve_app.config import AUTO_NAMES, IngressSettings
 from serve_app.errors import APIError, ErrorResponse, UploadTooLargeError, create_error_response, error_response_for, redact_paths
-from serve_app.formats import join_text, render, server_timing
+from serve_app.formats import render, server_timing
 from serve_app.guards import ApiKeys, RequireApiKey, UploadLimits, configure
-from serve_app.langid import LanguageDetector
+from serve_app.langid import LanguageDetector, listen_points
 from serve_app.protocol import TranscriptionRequest
 from serve_app.routing import AUTO, ModelRouter
-from serve_app.speech import contains_speech, no_speech_warning
-from serve_app.subtitles import compliant_share, subtitle_segments
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +101,14 @@ async def transcription_form(request: Annotated[TranscriptionRequest, Form()]) -
     # Serve's class-based views rewrite method signatures, which hides a form model from
     # FastAPI; parsing it in a plain function dependency keeps OpenAI's flat form fields.
     return request
+
+
+async def _closing(events: AsyncIterator[bytes], stack: AsyncExitStack) -> AsyncIterator[bytes]:
+    # Defined before the class: `serve.ingress` pickles the class with the globals its methods
+    # name as they are at that moment.
+    async with stack:
+        async for chunk in events:
+            yield chunk
 
 
 @serve.deployment(name="TranscriptionIngress", max_ongoing_requests=64)
@@ -202,13 +214,30 @@ class TranscriptionIngress:
             InvalidAudioError, InvalidOptionsError: Bad input.
             ModelUnavailableError: No model app could serve.
         """
-        if isinstance(audio, (bytes, bytearray)):
-            samples = await asyncio.to_thread(decode_audio, bytes(audio), max_seconds=self._settings.max_audio_seconds)
-        else:
-            samples = validate_audio(np.asarray(audio), max_seconds=self._settings.max_audio_seconds)
         opts = TranscribeOptions.from_dict({"language": language, "task": task, **options})
-        body, segments, _ = await self._run(samples, model, opts, segmentation=segmentation)
-        return {**body, "segments": segments}
+        async with self._transcription(audio, model, opts, segmentation=segmentation) as transcription:
+            finished = await transcription.collect()
+        return {**finished.body, "segments": finished.segments}
+
+    async def transcribe_stream(
+        self,
+        audio: Union[bytes, np.ndarray],
+        *,
+        language: Optional[str] = None,
+        model: str = "auto",
+        task: str = "transcribe",
+        segmentation: Optional[str] = None,
+        **options: Any,
+    ) -> AsyncIterator[dict]:
+        """`transcribe`, as the events of a streamed HTTP transcription (`stream=true`), each a dict
+        with its `type`: call with `handle.options(stream=True).transcribe_stream.remote(...)`.
+
+        Errors before the first event are raised; later ones arrive as an `error` event.
+        """
+        opts = TranscribeOptions.from_dict({"language": language, "task": task, **options})
+        async with self._transcription(audio, model, opts, segmentation=segmentation, streaming=True) as transcription:
+            async for event in stream_events(transcription):
+                yield event
 
     async def info(self) -> dict:
         """Every app's runtime env, server paths included (for callers inside the cluster)."""
@@ -231,9 +260,9 @@ class TranscriptionIngress:
         # asked (deployments/core.py).
         self._release = release_free_memory_soon()
 
-    def memory(self) -> dict:
-        """This replica's resident memory now and at its peak (for bench/speed.py)."""
-        return process_memory()
+    def memory(self, reset_peak: bool = False) -> dict:
+        """This replica's resident memory now and at its peak (`core.process_memory`; bench/)."""
+        return process_memory(reset_peak)
 
     async def model_info(self, model: str) -> dict:
         """A model app's `info()` (runtime env), or why it is unavailable."""
@@ -245,108 +274,107 @@ class TranscriptionIngress:
     # -- stages ------------------------------------------------------------------------------
 
     async def _serve_http(self, request: TranscriptionRequest, *, task: str) -> Response:
-        # The admission slot was taken before the upload was read (`AdmitTranscriptions`).
-        data = await self._read_upload(request)
-        started = time.perf_counter()
-        samples = await asyncio.to_thread(decode_audio, data, max_seconds=self._settings.max_audio_seconds)
-        timings = {"decode": time.perf_counter() - started}
+        # The admission slot was taken before the upload was read (`AdmitTranscriptions`), and
+        # the upload was spooled to a temporary file as it arrived (Starlette's form parser).
+        upload = self._spooled_upload(request)
         opts = request.to_transcribe_options(task=task)
-        body, segments, fallback = await self._run(
-            samples, request.model, opts, segmentation=request.segmentation, timings=timings
+        timings: Dict[str, float] = {}
+        stack = AsyncExitStack()
+        transcription = await stack.enter_async_context(
+            self._transcription(upload, request.model, opts, segmentation=request.segmentation, streaming=request.stream, timings=timings)
         )
-        headers = {MODEL_HEADER: body["model"], "Server-Timing": server_timing(timings)}
-        if fallback:
-            headers[FALLBACK_HEADER] = fallback
+        if request.stream:
+            return StreamingResponse(_closing(sse_stream(transcription), stack), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+        async with stack:
+            finished = await transcription.collect()
+        headers = {MODEL_HEADER: finished.body["model"] or "", "Server-Timing": server_timing(timings)}
+        if finished.fallback:
+            headers[FALLBACK_HEADER] = finished.fallback
         return render(
             request.response_format,
-            body,
-            segments,
+            finished.body,
+            finished.segments,
             words="word" in request.timestamp_granularities,
             headers=headers,
         )
 
-    async def _read_upload(self, request: TranscriptionRequest) -> bytes:
+    def _spooled_upload(self, request: TranscriptionRequest) -> BinaryIO:
         limit = self._settings.max_upload_bytes
         if request.file.size is not None and request.file.size > limit:
             raise UploadTooLargeError(request.file.size, limit)
-        data = await request.file.read(limit + 1)
-        if len(data) > limit:
-            raise UploadTooLargeError(len(data), limit)
-        return data
+        return request.file.file
 
-    async def _run(
+    def _excerpts(self, reader: Optional[AudioReader]) -> Optional[Callable[[], List[np.ndarray]]]:
+        """Excerpts for language ID at points spread over a long upload (None: a short one)."""
+        settings = self._settings.language_id
+        length = reader.expected_seconds if reader is not None else None
+        if length is None or length < settings.listen_points_min_seconds or settings.listen_points < 2:
+            return None
+        # Each excerpt is as long as the scan language ID makes of a recording's start, at most 30 s.
+        excerpt_s = min(30.0, settings.scan_seconds)
+        return functools.partial(reader.excerpts, listen_points(length, settings.listen_points, excerpt_s), excerpt_s)
+
+    @asynccontextmanager
+    async def _transcription(
         self,
-        samples: np.ndarray,
+        audio: Union[bytes, np.ndarray, BinaryIO],
         requested: str,
         opts: TranscribeOptions,
         *,
         segmentation: Optional[str] = None,
+        streaming: bool = False,
         timings: Optional[Dict[str, float]] = None,
-    ):
-        """Detects the language if needed, routes, calls the model app, shapes the result.
+    ) -> AsyncIterator[Transcription]:
+        """A started `Transcription` of `audio` (an upload, its bytes or 16 kHz samples), its
+        reader and piece feed closed on exit.
 
-        `timings` (if given) receives the seconds spent in language ID and in the model app.
+        `timings` (if given) receives the seconds spent opening the upload, in language ID and
+        in the model apps.
         """
         timings = {} if timings is None else timings
         if segmentation not in (None, "subtitle", "raw"):
             raise InvalidOptionsError(f"Got {segmentation!r} for segmentation; expected 'subtitle' or 'raw'.")
-        subtitles = self._settings.subtitles
-        as_subtitles = subtitles.enabled if segmentation is None else segmentation == "subtitle"
-        requested = await self._router.resolve(requested)
-        if not await asyncio.to_thread(contains_speech, samples):
-            return await self._no_speech(samples, requested, opts, as_subtitles)
-        language, probability = opts.language, None
-        if language is None and await self._router.needs_language_id(requested, opts.task):
+        settings = self._settings
+        pieces = settings.pieces
+        reader: Optional[AudioReader] = None
+        if not isinstance(audio, (bytes, bytearray, memoryview)) and not hasattr(audio, "read"):
+            samples = validate_audio(np.asarray(audio), max_seconds=settings.max_audio_seconds)
+            blocks, total_s = [samples], samples.size / SAMPLE_RATE
+        else:
             started = time.perf_counter()
-            detected = await asyncio.to_thread(self._detector.detect, samples)
-            timings["langid"] = time.perf_counter() - started
-            language, probability = detected.language, detected.probability
-        model, reason = await self._router.choose(requested, opts.task, language, probability)
-        logger.info("Routing to %s (%s).", model, reason)
-        trusted = probability is None or probability >= self._settings.language_id.threshold
-        if language is not None and trusted:  # an unsure guess is not forced on the model
-            opts = TranscribeOptions.from_dict({**opts.to_dict(), "language": language})
-        started = time.perf_counter()
-        routed = await self._router.transcribe(model, samples, opts, explicit=requested != AUTO, why=reason)
-        timings["model"] = time.perf_counter() - started
-        result = routed.result
-        segments = raw_segments = result["segments"]
-        if as_subtitles:
-            segments = subtitle_segments(segments, subtitles, duration=result["duration"])
-        if not segments and language is None:
-            language = result.get("language")
-        body = {
-            "task": opts.task,
-            "language": result.get("language") or language,
-            "language_probability": probability if probability is not None else result.get("language_probability"),
-            "duration": result["duration"],
-            "text": join_text(raw_segments, "en" if opts.task == "translate" else result.get("language") or language),
-            "model": routed.model,
-            "model_info": result.get("model", {}) if self._settings.expose_paths else redact_paths(result.get("model", {})),
-            "warnings": routed.warnings + list(result.get("warnings", ())),
-            "segmentation": "subtitle" if as_subtitles else "raw",
-            "subtitle_compliant_share": compliant_share(segments, subtitles),
-        }
-        fallback = f"{model}->{routed.model}" if routed.fell_back else None
-        return body, segments, fallback
-
-    async def _no_speech(self, samples: np.ndarray, requested: str, opts: TranscribeOptions, as_subtitles: bool):
-        """The answer for audio without speech: empty, with a warning; no model is called."""
-        model, _ = await self._router.choose(requested, opts.task, opts.language, None)
-        duration = samples.size / SAMPLE_RATE
-        body = {
-            "task": opts.task,
-            "language": opts.language,
-            "language_probability": None,
-            "duration": duration,
-            "text": "",
-            "model": model,
-            "model_info": {},
-            "warnings": [no_speech_warning(duration)],
-            "segmentation": "subtitle" if as_subtitles else "raw",
-            "subtitle_compliant_share": compliant_share([], self._settings.subtitles),
-        }
-        return body, [], None
+            reader = await asyncio.to_thread(AudioReader, audio, max_seconds=settings.max_audio_seconds, truncation_is_warning=streaming)
+            timings["open"] = time.perf_counter() - started
+            blocks, total_s = reader.blocks(), reader.expected_seconds
+        # Speakers are labelled per model call: a diarized recording goes whole, or one
+        # speaker would carry different labels in different pieces.
+        piece_seconds = settings.max_audio_seconds if opts.diarize else pieces.seconds
+        feed = feed_pieces(contextlib.nullcontext(cut_pieces(
+            blocks,
+            piece_seconds=piece_seconds,
+            first_piece_seconds=pieces.first_seconds_streaming if streaming else piece_seconds,
+            search_seconds=pieces.cut_search_seconds,
+        )))
+        subtitles = settings.subtitles
+        try:
+            transcription = Transcription(
+                router=self._router,
+                detector=self._detector,
+                settings=settings,
+                pieces=feed,
+                requested=requested,
+                opts=opts,
+                as_subtitles=subtitles.enabled if segmentation is None else segmentation == "subtitle",
+                total_s=total_s,
+                timings=timings,
+                late_warnings=reader.warnings if reader is not None else list,
+                excerpts=self._excerpts(reader),
+            )
+            await transcription.start()
+            yield transcription
+        finally:
+            await feed.aclose()  # waits for the decoding thread to stop
+            if reader is not None:
+                reader.close()
 
 
 def build_app(args: Dict[str, Any]) -> Application:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Optional
+import os
+from typing import BinaryIO, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -40,11 +41,23 @@ class TruncatedAudioError(InvalidAudioError):
     """The audio ends before its container says it does: a cut-off upload (HTTP 400)."""
 
 
-def decode_audio(data: bytes, *, max_seconds: float) -> np.ndarray:
+AudioSource = Union[bytes, BinaryIO, str, "os.PathLike[str]"]
+"""An upload: its bytes, a readable binary file (the spool file of an HTTP upload), or a path
+of a file the service itself wrote."""
+
+_EDGE_BYTES = 70_000
+"""How much of a file's head and tail the container checks read (an Ogg page is at most
+65,307 bytes; RIFF headers sit at the start)."""
+
+
+def decode_audio(source: AudioSource, *, max_seconds: float) -> np.ndarray:
     """Decodes any container FFmpeg reads (wav, flac, mp3, m4a, ogg/opus, webm, video) to audio.
 
+    Holds the whole recording in memory: for short audio and tests. Long recordings go through
+    `AudioReader.blocks`.
+
     Args:
-        data: The uploaded bytes.
+        source: The upload (bytes, a binary file or a path).
         max_seconds: Longest audio accepted; decoding stops as soon as it is exceeded.
 
     Returns:
@@ -54,55 +67,186 @@ def decode_audio(data: bytes, *, max_seconds: float) -> np.ndarray:
         UnsupportedMediaError: Not a media file, or no audio stream in it.
         InvalidAudioError: Empty, truncated or corrupt audio, no samples, or too long.
     """
-    import av
+    with AudioReader(source, max_seconds=max_seconds) as reader:
+        return np.concatenate(list(reader.blocks()))
 
-    if not data:
-        raise InvalidAudioError("The uploaded file is empty.")
-    try:
-        container = av.open(io.BytesIO(data), mode="r", metadata_errors="ignore", options=OPEN_OPTIONS)
-    except av.FFmpegError as e:
-        logger.info("Refused an upload of %d bytes: %s", len(data), e)
-        if _looks_like_accepted_media(data):
-            raise InvalidAudioError("The audio file is damaged or cut off: its container could not be read.") from e
-        raise UnsupportedMediaError(
-            "The file is not an audio or video format this service reads (wav, flac, mp3, ogg/opus, "
-            "webm/mkv, mp4/m4a/mov, aac, amr, aiff and the like)."
-        ) from e
-    with container:
-        if not container.streams.audio:
-            raise UnsupportedMediaError("The file has no audio stream.")
-        stream = container.streams.audio[0]
-        declared = _declared_seconds(stream)
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-        chunks = []
-        total = 0
-        limit = int(max_seconds * SAMPLE_RATE)
+
+class AudioReader:
+    """Decodes an upload block by block to 16 kHz mono float32, from an allow-list of containers.
+
+    Memory stays at one block however long the recording: a file is read by FFmpeg as it
+    decodes, never loaded whole. Use as a context manager; `blocks()` raises the same errors
+    as `decode_audio`, the truncation checks after the last block.
+    """
+
+    def __init__(self, source: AudioSource, *, max_seconds: float, block_seconds: float = 30.0, truncation_is_warning: bool = False):
+        """
+        Args:
+            truncation_is_warning: A recording that ends before its container says it does is
+                transcribed as far as it goes, with a warning (`warnings()`), rather than
+                refused: for streamed answers, which cannot turn into a 400 once they started.
+        """
+        import av
+
+        self.max_seconds = max_seconds
+        self._truncation_is_warning = truncation_is_warning
+        self._warnings: List[str] = []
+        self._block = int(block_seconds * SAMPLE_RATE)
+        self._file, self._owned = _binary_file(source)
+        self._head, self._tail, size = _edges(self._file)
+        if size == 0:
+            self._close_file()
+            raise InvalidAudioError("The uploaded file is empty.")
         try:
-            for frame in container.decode(stream):
+            self._container = av.open(self._file, mode="r", metadata_errors="ignore", options=OPEN_OPTIONS)
+        except av.FFmpegError as e:
+            self._close_file()
+            logger.info("Refused an upload of %d bytes: %s", size, e)
+            if _looks_like_accepted_media(self._head):
+                raise InvalidAudioError("The audio file is damaged or cut off: its container could not be read.") from e
+            raise UnsupportedMediaError(
+                "The file is not an audio or video format this service reads (wav, flac, mp3, ogg/opus, "
+                "webm/mkv, mp4/m4a/mov, aac, amr, aiff and the like)."
+            ) from e
+        if not self._container.streams.audio:
+            self.close()
+            raise UnsupportedMediaError("The file has no audio stream.")
+        self._stream = self._container.streams.audio[0]
+        self.declared_seconds = _declared_wav_seconds(self._head) or _declared_seconds(self._stream)
+        """The length the container states, if it does (for progress and the truncation check)."""
+        self.decoded_samples = 0
+
+    def __enter__(self) -> "AudioReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._container.close()
+        self._close_file()
+
+    def _close_file(self) -> None:
+        if self._owned:
+            self._file.close()
+
+    @property
+    def expected_seconds(self) -> Optional[float]:
+        """The declared length when it is a real one (within the limit), else None."""
+        declared = self.declared_seconds
+        return declared if declared is not None and declared <= self.max_seconds else None
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """The audio in blocks of `block_seconds` (the last one shorter), float32 at 16 kHz."""
+        import av
+
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        limit = int(self.max_seconds * SAMPLE_RATE)
+        pending: List[np.ndarray] = []
+        pending_size = 0
+        try:
+            for frame in self._container.decode(self._stream):
                 for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1))
-                    total += chunks[-1].size
-                if total > limit:
-                    raise InvalidAudioError(
-                        f"The audio is longer than the limit of {max_seconds:g} s."
-                    )
+                    samples = out.to_ndarray().reshape(-1)
+                    pending.append(samples)
+                    pending_size += samples.size
+                    self.decoded_samples += samples.size
+                if self.decoded_samples > limit:
+                    raise InvalidAudioError(f"The audio is longer than the limit of {self.max_seconds:g} s.")
+                if pending_size >= self._block:
+                    joined = np.concatenate(pending)
+                    yield joined[: self._block]
+                    pending, pending_size = [joined[self._block :]], joined.size - self._block
             for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
+                pending.append(out.to_ndarray().reshape(-1))
+                self.decoded_samples += pending[-1].size
         except av.FFmpegError as e:
             # Transcribing the part before the damage would drop the rest without a word.
-            logger.info("Refused an upload that failed to decode after %.1f s: %s", total / SAMPLE_RATE, e)
-            raise InvalidAudioError(f"The audio is damaged or cut off: it could not be decoded after {total / SAMPLE_RATE:.2f} s.") from e
-    if not chunks:
-        raise InvalidAudioError("The file contains no audio samples.")
-    audio = np.concatenate(chunks).astype(np.float32, copy=False)
-    if audio.size == 0:
-        raise InvalidAudioError("The file contains no audio samples.")
-    _check_complete(audio.size / SAMPLE_RATE, _declared_wav_seconds(data) or declared, max_seconds=max_seconds)
-    if data[:4] == b"OggS" and not _ogg_ends_with_last_page(data):
-        raise TruncatedAudioError(
-            f"The audio is truncated: the Ogg stream has no final page ({audio.size / SAMPLE_RATE:.2f} s could be decoded)."
-        )
-    return audio
+            logger.info("Refused an upload that failed to decode after %.1f s: %s", self.decoded_samples / SAMPLE_RATE, e)
+            raise InvalidAudioError(
+                f"The audio is damaged or cut off: it could not be decoded after {self.decoded_samples / SAMPLE_RATE:.2f} s."
+            ) from e
+        if self.decoded_samples == 0:
+            raise InvalidAudioError("The file contains no audio samples.")
+        try:
+            self._check_complete()
+        except TruncatedAudioError as e:
+            if not self._truncation_is_warning:
+                raise
+            self._warnings.append(f"{e} The transcript ends there.")
+        last = np.concatenate(pending) if pending else np.zeros(0, np.float32)
+        if last.size:
+            yield last.astype(np.float32, copy=False)
+
+    def excerpts(self, starts_s: List[float], seconds: float) -> List[np.ndarray]:
+        """About `seconds` of audio from each of `starts_s`, found by seeking; then back to the start.
+
+        Call before `blocks()` (language ID listens at several points of a long recording before
+        it is transcribed from the beginning).
+        """
+        import av
+
+        out = []
+        wanted = int(seconds * SAMPLE_RATE)
+        try:
+            for start in starts_s:
+                self._container.seek(int(start * av.time_base), any_frame=False)
+                resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+                pieces, size, skip = [], 0, None
+                for frame in self._container.decode(self._stream):
+                    if skip is None:  # a seek lands on a frame (or seek point) before the time asked
+                        skip = max(0, int(round((start - (frame.time or 0.0)) * SAMPLE_RATE)))
+                    for resampled in resampler.resample(frame):
+                        pieces.append(resampled.to_ndarray().reshape(-1))
+                        size += pieces[-1].size
+                    if size >= wanted + skip:
+                        break
+                joined = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+                out.append(joined[skip or 0 :][:wanted])
+        except av.FFmpegError as e:  # a container that cannot seek: the first speech decides
+            logger.info("Could not seek in an upload for language ID: %s", e)
+        self._reopen()
+        return out
+
+    def _reopen(self) -> None:
+        """The container again, at the start (a seek back to 0 is not exact in every format)."""
+        import av
+
+        self._container.close()
+        self._file.seek(0)
+        self._container = av.open(self._file, mode="r", metadata_errors="ignore", options=OPEN_OPTIONS)
+        self._stream = self._container.streams.audio[0]
+
+    def warnings(self) -> List[str]:
+        """What the client should know about the upload (a truncation, when it is a warning)."""
+        return list(self._warnings)
+
+    def _check_complete(self) -> None:
+        decoded = self.decoded_samples / SAMPLE_RATE
+        _check_complete(decoded, self.declared_seconds, max_seconds=self.max_seconds)
+        if self._head[:4] == b"OggS" and not _ogg_ends_with_last_page(self._tail):
+            raise TruncatedAudioError(f"The audio is truncated: the Ogg stream has no final page ({decoded:.2f} s could be decoded).")
+
+
+def _binary_file(source: AudioSource) -> Tuple[BinaryIO, bool]:
+    """A seekable binary file for `source`, and whether this module opened it (and closes it)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return io.BytesIO(bytes(source)), True
+    if isinstance(source, (str, os.PathLike)):
+        return open(source, "rb"), True
+    return source, False
+
+
+def _edges(file: BinaryIO) -> Tuple[bytes, bytes, int]:
+    """The first and last `_EDGE_BYTES` of `file` and its size; leaves it at the start."""
+    file.seek(0, io.SEEK_END)
+    size = file.tell()
+    file.seek(max(0, size - _EDGE_BYTES))
+    tail = file.read()
+    file.seek(0)
+    head = file.read(_EDGE_BYTES)
+    file.seek(0)
+    return head, tail, size
 
 
 def _looks_like_accepted_media(data: bytes) -> bool:

@@ -28,12 +28,30 @@ class LanguageIdSettings(BaseModel):
     threshold: float = Field(0.5, ge=0, le=1, description="Below this probability the detected language is not trusted and `default_model` serves.")
     model_cache: Optional[str] = Field(None, description="Download directory for a model name.")
     local_files_only: bool = Field(False, description="Never reach the hub for the language-ID model.")
+    listen_points: int = Field(5, ge=1, le=20, description="A recording of at least `listen_points_min_seconds` is heard at this many evenly spread points, and routed by the language most of them hear (weighted by confidence): a meeting that opens with small talk in another language goes by its majority.")
+    listen_points_min_seconds: float = Field(600.0, gt=0, description="Shorter recordings are routed by their first speech.")
 
 
     @model_validator(mode="after")
     def _check_lengths(self) -> "LanguageIdSettings":
         if self.min_seconds > self.max_seconds:
             raise ValueError(f"Got min_seconds={self.min_seconds} > max_seconds={self.max_seconds} for language_id.")
+        return self
+
+
+class PieceSettings(BaseModel):
+    """Recordings travel to the model apps in pieces cut at quiet moments (`serve_app/pieces.py`):
+    each replica holds one piece at a time however long the recording, and each piece's
+    segments can be streamed as soon as it is done."""
+
+    seconds: float = Field(240.0, ge=5, description="Longest piece; a recording no longer than this goes whole. Longer pieces batch more windows per model call; memory grows with it (1 MB per 16 s).")
+    first_seconds_streaming: float = Field(30.0, ge=5, description="Longest first piece of a streamed transcription: the first segments arrive after this much audio is transcribed.")
+    cut_search_seconds: float = Field(20.0, ge=1, description="A cut falls at the quietest moment in the last this-many seconds before a piece's limit.")
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> "PieceSettings":
+        if self.cut_search_seconds >= min(self.seconds, self.first_seconds_streaming):
+            raise ValueError(f"Got cut_search_seconds={self.cut_search_seconds}; it must be below seconds and first_seconds_streaming.")
         return self
 
 
@@ -75,9 +93,9 @@ class IngressSettings(BaseSettings):
     )
     default_model: ModelName = Field("whisperx", description="Model for languages not in `routes`, and for low-confidence detection.")
     fallback_model: Optional[ModelName] = Field("whisperx", description="Model that serves when the routed one is missing, unhealthy, overloaded or fails; None disables fallback.")
-    max_upload_bytes: int = Field(25 * 1024 * 1024, gt=0, description="Largest accepted upload (OpenAI's limit is 25 MiB).")
+    max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Largest accepted upload; spooled to a temporary file (TMPDIR) while it arrives, never held in memory. 2 GiB fits three hours of 128 kbps audio or a meeting video; OpenAI's own limit is 25 MiB (26214400).")
     max_audio_seconds: float = Field(3 * 3600, gt=0, description="Longest accepted audio after decoding.")
-    request_timeout_s: float = Field(900.0, gt=0, description="How long the ingress waits for a model app before answering 504.")
+    request_timeout_s: float = Field(900.0, gt=0, description="How long the ingress waits for a model app's answer on one piece of a recording (`pieces.seconds`) before answering 504; a long recording making progress is never cut.")
     max_in_flight: int = Field(48, ge=1, description="HTTP transcriptions one ingress replica serves at once; more get 503 with Retry-After at once. Keep it below the deployment's max_ongoing_requests so the excess reaches the replica to be told.")
     retry_after_s: int = Field(5, ge=1, description="Retry-After (seconds) on a 503 for an overloaded ingress or model.")
     api_keys: Annotated[List[str], NoDecode] = Field(
@@ -90,6 +108,7 @@ class IngressSettings(BaseSettings):
     expose_paths: bool = Field(False, description="Admin flag: `GET /v1/info` and verbose_json's `model_info` show server paths (interpreters, model directories); off, they show versions and names only.")
     language_id: LanguageIdSettings = Field(default_factory=LanguageIdSettings)
     subtitles: SubtitleSettings = Field(default_factory=SubtitleSettings)
+    pieces: PieceSettings = Field(default_factory=PieceSettings)
 
     @field_validator("api_keys", mode="before")
     @classmethod

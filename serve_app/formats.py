@@ -10,9 +10,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 _UNSPACED = {"zh", "ja", "th", "lo", "my", "yue", "bo"}
 
 
+def text_separator(language: Optional[str]) -> str:
+    """What goes between two segments' text: nothing for languages written without spaces."""
+    return "" if (language or "") in _UNSPACED else " "
+
+
 def join_text(segments: List[dict], language: Optional[str]) -> str:
-    sep = "" if (language or "") in _UNSPACED else " "
-    return sep.join(s["text"].strip() for s in segments if s["text"].strip())
+    return text_separator(language).join(s["text"].strip() for s in segments if s["text"].strip())
 
 
 def _timestamp(seconds: float, decimal: str) -> str:

@@ -118,9 +118,12 @@ class UploadLimits:
             await response(scope, receive, send)
             return
         received = 0
+        body_done = False
 
         async def receive_within_limits() -> Message:
-            nonlocal received
+            nonlocal received, body_done
+            if body_done:  # a streamed answer waits here for the client to leave: no idle limit
+                return await receive()
             try:
                 message = await asyncio.wait_for(receive(), idle_s)
             except asyncio.TimeoutError:
@@ -128,6 +131,7 @@ class UploadLimits:
             received += len(message.get("body", b""))
             if received > limit:
                 raise UploadTooLargeError(None, max_upload)
+            body_done = message.get("type") != "http.request" or not message.get("more_body", False)
             return message
 
         await self.app(scope, receive_within_limits, send)

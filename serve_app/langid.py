@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
 
@@ -72,6 +72,34 @@ class LanguageDetector:
         encoded = self._model.encode(features)
         language, probability = self._model.model.detect_language(encoded)[0][0]
         return DetectedLanguage(language[2:-2], float(probability))
+
+
+class LanguageVote(NamedTuple):
+    language: Optional[str]
+    probability: float
+    """The winner's confidence summed over the points heard, divided by their number."""
+    heard: Dict[str, int]
+    """How many points heard each language (points without speech left out)."""
+
+
+def vote(detections: List[DetectedLanguage]) -> LanguageVote:
+    """The language most points heard, each point weighted by its confidence."""
+    heard = [d for d in detections if d.language is not None]
+    if not heard:
+        return LanguageVote(None, 0.0, {})
+    weights: Dict[str, float] = {}
+    counts: Dict[str, int] = {}
+    for d in heard:
+        weights[d.language] = weights.get(d.language, 0.0) + d.probability
+        counts[d.language] = counts.get(d.language, 0) + 1
+    winner = max(weights, key=weights.get)
+    return LanguageVote(winner, weights[winner] / len(heard), dict(sorted(counts.items(), key=lambda kv: -kv[1])))
+
+
+def listen_points(duration_s: float, points: int, excerpt_s: float) -> List[float]:
+    """Start times of `points` excerpts spread evenly over a recording (centred in equal parts)."""
+    part = duration_s / points
+    return [max(0.0, min(duration_s - excerpt_s, part * (i + 0.5) - excerpt_s / 2)) for i in range(points)]
 
 
 def first_speech(audio: np.ndarray, *, speech_seconds: float, scan_seconds: float) -> np.ndarray:

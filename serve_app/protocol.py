@@ -44,6 +44,11 @@ class TranscriptionRequest(BaseModel):
     )
     """"word" and/or "segment"; needs response_format verbose_json."""
 
+    stream: bool = False
+    """Answer with server-sent events as the transcript becomes final (`transcript.text.delta`,
+    `transcript.text.segment`, `transcript.progress`, then `transcript.text.done`), whatever
+    `response_format` says."""
+
     segmentation: Optional[Literal["subtitle", "raw"]] = None
     """KlipNote: "subtitle" (cues of 1-7 s and at most 200 characters, the default) or "raw"
     (the model's own segments). Applies to segments, srt and vtt."""

@@ -220,6 +220,8 @@ class ModelRouter:
             if not waiting.done():
                 response.cancel()
                 waiting.cancel()
+                # it may still end with RequestCancelledError rather than be cancelled: read it
+                waiting.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise
 
     async def transcribe(self, model: ModelName, audio: np.ndarray, opts: TranscribeOptions, *, explicit: bool, why: str) -> RoutedResult:

@@ -7,17 +7,23 @@ until the killed app serves again. What a client sees:
   (whisperx), visibly, rather than failing or waiting for BELLE-2's restart.
 - WhisperX killed under a request that chose it (no other model can serve it): 503
   `model_replica_lost` with Retry-After, never a bare 500.
+- BELLE-2 killed in the middle of a recording sent in pieces: the pieces it finished stay its,
+  the rest are served by the fallback, and a warning says from when.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
+import threading
 import signal
 import time
 
 import httpx
 import pytest
+
+from tests.conftest import small_pieces_ingress
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
@@ -98,3 +104,42 @@ def test_whisperx_killed_under_a_request_only_it_can_serve_gives_503_with_a_code
     _wait_until_serving_again("whisperx", pid)
     r = _post(base_url, (data_dir / "en_jfk.flac").read_bytes())
     assert r.status_code == 200 and r.json()["model"] == "whisperx", r.text
+
+
+def test_belle2_killed_mid_recording_the_rest_falls_back_and_the_done_pieces_stay(serve_cluster, data_dir):
+    serve_cluster.deploy(extra=[small_pieces_ingress(serve_cluster, "probe-chaos")])
+    try:
+        serve_cluster.wait(["probe-chaos"], timeout_s=600)
+        pid = _replica_pid("belle2")
+        events, first_piece_done = [], threading.Event()
+
+        def stream() -> None:
+            with httpx.stream("POST", f"{serve_cluster.url}/probe-chaos/v1/audio/transcriptions", timeout=900,
+                              files={"file": ("talk.flac", (data_dir / ZH_LONG).read_bytes())}, data={"stream": "true", "language": "zh"}) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(json.loads(line[6:]))
+                        if events[-1]["type"] == "transcript.progress":
+                            first_piece_done.set()
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(stream)
+            assert first_piece_done.wait(timeout=300), events
+            os.kill(pid, signal.SIGKILL)
+            future.result(timeout=900)
+        done = events[-1]
+        assert done["type"] == "transcript.text.done", done
+        served = [e["model"] for e in events if e["type"] == "transcript.progress"]
+        # belle2 for the pieces before the kill, whisperx for every piece after
+        assert served[0] == "belle2" and served[-1] == "whisperx" and served == sorted(served), served
+        assert done["model"] == "belle2" and done["fallback"] == "belle2->whisperx"
+        warning = next(w for w in done["warnings"] if "could not serve" in w)
+        assert warning.startswith("From 0:00:") and "belle2 could not serve this request" in warning, done["warnings"]
+        assert done["duration"] > 70 and done["text"]
+        segments = [e for e in events if e["type"] == "transcript.text.segment"]
+        assert segments[-1]["end"] > 60 and [s["start"] for s in segments] == sorted(s["start"] for s in segments)
+        _wait_until_serving_again("belle2", pid)
+    finally:
+        serve_cluster.deploy()
+        serve_cluster.wait_gone("probe-chaos")

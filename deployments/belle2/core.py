@@ -20,7 +20,7 @@ from pydantic import Field
 from deployments.belle2.speedups import Speedups
 from deployments.belle2.windows import Window, plan_windows, remaining_window
 from deployments.contract import SAMPLE_RATE, ModelInfo, ModelSpec, Segment, TranscribeOptions
-from deployments.core import Decoded, DecodeRequest, ModelAppArgs, ModelCore, resolve_compute_type, set_torch_threads, spec_options
+from deployments.core import Decoded, DecodeRequest, ModelAppArgs, ModelCore, resolve_compute_type, set_torch_threads, spec_options, stop_if_cancelled
 from deployments.pinned_decode import transformers_generate_kwargs, transformers_window_tokens
 from deployments.vad import VadOptions, speech_timestamps
 
@@ -157,6 +157,7 @@ class Belle2Core(ModelCore):
         for _ in range(1 if pinned else 1 + MAX_FOLLOW_UPS):
             left_over: List[Window] = []
             for first in range(0, len(windows), self.args.batch_size):
+                stop_if_cancelled()
                 batch = windows[first : first + self.args.batch_size]
                 out = self.generate([audio[w.start : w.end] for w in batch], opts)
                 if pinned:

@@ -12,7 +12,7 @@ from typing import List
 from pydantic import Field
 
 from deployments.contract import SAMPLE_RATE, ModelInfo, ModelSpec, Segment
-from deployments.core import Decoded, DecodeRequest, ModelAppArgs, ModelCore, ct2_whisper, spec_options, tokenizers_prompt_tokenizer
+from deployments.core import Decoded, DecodeRequest, ModelAppArgs, ModelCore, ct2_whisper, spec_options, stop_if_cancelled, tokenizers_prompt_tokenizer
 
 
 class FasterWhisperArgs(ModelAppArgs):
@@ -71,6 +71,7 @@ class FasterWhisperCore(ModelCore):
         )
         segments: List[Segment] = []
         for piece in pieces:  # a generator: decoding happens here
+            stop_if_cancelled()
             if not piece.text.strip():
                 continue
             segment = Segment(start=round(piece.start, 3), end=round(piece.end, 3), text=piece.text.strip())

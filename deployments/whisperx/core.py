@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import Field
 
 from deployments.contract import SAMPLE_RATE, InvalidOptionsError, ModelInfo, ModelSpec, ModelUnavailableError, Segment, TranscribeOptions
-from deployments.core import Decoded, DecodeRequest, ModelAppArgs, ModelCore, ct2_whisper, spec_options, tokenizers_prompt_tokenizer
+from deployments.core import Decoded, DecodeRequest, ModelAppArgs, ModelCore, ct2_whisper, spec_options, stop_if_cancelled, tokenizers_prompt_tokenizer
 from deployments.pinned_decode import PinnedLengthWhisper, counting_window_tokens
 from deployments.whisperx.stages import AlignModelCache, as_segment, asr_options, audio_windows, release_freed_memory, shifted
 
@@ -25,6 +25,19 @@ logger = logging.getLogger(__name__)
 
 _OPTIONS = ("initial_prompt", "temperature", "beam_size", "word_timestamps", "script")
 _SPEAKER_OPTIONS = ("diarize", "min_speakers", "max_speakers")
+
+
+def stoppable_whisper_model() -> type:
+    """whisperx's `WhisperModel` (faster-whisper's, plus batched generation) that stops between
+    batches once its request is cancelled (`stop_if_cancelled`)."""
+    from whisperx.asr import WhisperModel
+
+    class StoppableWhisperModel(WhisperModel):
+        def generate_segment_batched(self, *args, **kwargs):
+            stop_if_cancelled()
+            return super().generate_segment_batched(*args, **kwargs)
+
+    return StoppableWhisperModel
 
 
 class WhisperXArgs(ModelAppArgs):
@@ -67,11 +80,10 @@ class WhisperXCore(ModelCore):
 
     def load(self) -> None:
         import torch
-        from whisperx.asr import WhisperModel  # faster-whisper's, plus batched generation
         from whisperx.vads import Pyannote
 
         self._torch = torch
-        self._model, self._compute_type = ct2_whisper(WhisperModel, self.args, self.device)
+        self._model, self._compute_type = ct2_whisper(stoppable_whisper_model(), self.args, self.device)
         if self.args.pinned_decode_tokens:
             self._model.model = PinnedLengthWhisper(
                 self._model.model, self.args.pinned_decode_tokens, end_of_text=self._model.hf_tokenizer.token_to_id("<|endoftext|>")
@@ -123,6 +135,7 @@ class WhisperXCore(ModelCore):
         align = opts.word_timestamps
         segments: List[Segment] = []
         for start, end in audio_windows(audio, self.args.window_s, self.args.window_cut_search_s):
+            stop_if_cancelled()
             piece = audio[start:end]  # a view: windows bound what VAD, ASR and alignment hold at once
             raw_segments = self._asr(piece, opts, language, request.window_tokens)
             window_segments = [as_segment(s) for s in raw_segments]

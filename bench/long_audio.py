@@ -1,0 +1,207 @@
+"""Long recordings through the service: real-time factor, first segment, peak memory per replica.
+
+    .venvs/ingress/bin/python bench/long_audio.py [--minutes 20,60,180] [--language de] [--record]
+
+Builds each recording from the test clips of one language (tests/data, cycled, with a pause of
+1.5 s between clips as between speakers), writes it as a 16-bit wav to a temporary file, and
+sends it with `stream=true` to a cluster this script starts (the local config, as `make serve`
+deploys it). Per recording it records:
+
+- real-time factor: audio seconds / seconds from the first byte sent to the done event;
+- first segment: seconds from the last byte of the upload sent to the first segment event;
+- peak RSS of each replica while it ran (Linux VmHWM, reset before each recording);
+- that the cues are in order and cover the recording: every clip of 3 s or more has a cue.
+
+Memory is flat when the peaks do not grow with the length. `--language zh` goes to BELLE-2 (about
+half WhisperX's speed on this CPU), anything else to WhisperX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, List, Tuple
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ROOT, md_table, record  # noqa: E402
+from gpu_speed import base_config  # noqa: E402
+
+from runtime_envs.local_cluster import LocalServeCluster  # noqa: E402
+
+DATA = ROOT / "tests" / "data"
+SAMPLE_RATE = 16000
+PAUSE_S = 1.5
+APPS = ("transcription", "belle2", "whisperx")
+
+
+def clips_of(language: str) -> List[np.ndarray]:
+    from serve_app.audio import decode_audio
+
+    names = sorted(p.name for p in DATA.glob(f"{language}_*.flac"))
+    if not names:
+        raise SystemExit(f"No clips for {language!r} in {DATA}.")
+    return [decode_audio((DATA / n).read_bytes(), max_seconds=3600) for n in names]
+
+
+def build_recording(path: Path, clips: List[np.ndarray], minutes: float) -> List[Tuple[float, float]]:
+    """Writes clips and pauses up to `minutes` as a 16 kHz 16-bit wav; returns each clip's span (s)."""
+    target = int(minutes * 60 * SAMPLE_RATE)
+    pause = np.zeros(int(PAUSE_S * SAMPLE_RATE), np.float32)
+    plan, total, i = [], 0, 0
+    while total < target:
+        clip = clips[i % len(clips)][: target - total]
+        plan.append((clip, True))
+        total += clip.size
+        if total < target:
+            plan.append((pause[: target - total], False))
+            total += plan[-1][0].size
+        i += 1
+    spans, at = [], 0
+    with open(path, "wb") as f:
+        data_bytes = total * 2
+        f.write(b"RIFF" + (36 + data_bytes).to_bytes(4, "little") + b"WAVE")
+        f.write(b"fmt " + (16).to_bytes(4, "little") + (1).to_bytes(2, "little") + (1).to_bytes(2, "little")
+                + SAMPLE_RATE.to_bytes(4, "little") + (SAMPLE_RATE * 2).to_bytes(4, "little") + (2).to_bytes(2, "little") + (16).to_bytes(2, "little"))
+        f.write(b"data" + data_bytes.to_bytes(4, "little"))
+        for part, is_clip in plan:
+            if is_clip:
+                spans.append((at / SAMPLE_RATE, (at + part.size) / SAMPLE_RATE))
+            f.write((np.clip(part, -1, 1) * 32767).astype("<i2").tobytes())
+            at += part.size
+    return spans
+
+
+class Upload:
+    """A multipart body streamed from a file, noting when its last byte was handed over."""
+
+    def __init__(self, path: Path, boundary: str = "klipnote-bench"):
+        self.path, self.boundary, self.sent_at = path, boundary, None
+
+    def __iter__(self) -> Iterator[bytes]:
+        b = self.boundary
+        yield (f"--{b}\r\nContent-Disposition: form-data; name=\"stream\"\r\n\r\ntrue\r\n"
+               f"--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{self.path.name}\"\r\n"
+               "Content-Type: audio/wav\r\n\r\n").encode()
+        with open(self.path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                yield chunk
+        yield f"\r\n--{b}--\r\n".encode()
+        self.sent_at = time.perf_counter()
+
+
+def memory(reset: bool = False) -> dict:
+    from ray import serve
+
+    return {app: serve.get_app_handle(app).memory.remote(reset).result(timeout_s=120) for app in APPS}
+
+
+def run_one(url: str, path: Path, spans: List[Tuple[float, float]], audio_s: float) -> dict:
+    memory(reset=True)
+    upload = Upload(path)
+    started = time.perf_counter()
+    first_segment_at, cues, done, errors = None, [], None, []
+    with httpx.Client(timeout=httpx.Timeout(60, read=None)) as http:
+        with http.stream("POST", url, content=iter(upload), headers={"Content-Type": f"multipart/form-data; boundary={upload.boundary}"}) as r:
+            if r.status_code != 200:
+                raise SystemExit(f"{r.status_code}: {r.read()[:500]}")
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                event = json.loads(line[6:])
+                if event["type"] == "transcript.text.segment":
+                    first_segment_at = first_segment_at or time.perf_counter()
+                    cues.append((event["start"], event["end"]))
+                elif event["type"] == "transcript.text.done":
+                    done = event
+                elif event["type"] == "error":
+                    errors.append(event["error"])
+    wall = time.perf_counter() - started
+    peaks = {app: m["peak_rss_bytes"] / 2**20 for app, m in memory().items()}
+    in_order = all(a[0] <= b[0] and a[1] <= b[1] + 1e-6 for a, b in zip(cues, cues[1:]))
+    uncovered = [s for s in spans if s[1] - s[0] >= 3 and not any(c[0] < s[1] and c[1] > s[0] for c in cues)]
+    return {
+        "minutes": round(audio_s / 60, 1),
+        "model": (done or {}).get("model"),
+        "rtf": round(audio_s / wall, 2),
+        "first segment after upload s": round(first_segment_at - upload.sent_at, 1) if first_segment_at and upload.sent_at else None,
+        **{f"peak {app} MB": round(v) for app, v in peaks.items()},
+        "cues": len(cues),
+        "in order": in_order,
+        "clips without a cue": f"{len(uncovered)}/{sum(1 for s in spans if s[1] - s[0] >= 3)}",
+        "errors": len(errors),
+    }
+
+
+def time_to_stop(url: str, path: Path, app: str) -> dict:
+    """Seconds from a client leaving mid-recording to the model replica's decode stopping."""
+    from ray import serve
+
+    handle = serve.get_app_handle(app)
+    activity = lambda: handle.activity.remote().result(timeout_s=60)  # noqa: E731
+    before = activity()
+    upload = Upload(path)
+    with httpx.Client(timeout=httpx.Timeout(60, read=None)) as http:
+        with http.stream("POST", url, content=iter(upload), headers={"Content-Type": f"multipart/form-data; boundary={upload.boundary}"}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and json.loads(line[6:])["type"] == "transcript.progress":
+                    break  # the first piece is done and the second is being decoded: leave
+    left = time.perf_counter()
+    while activity()["decoding"]:
+        time.sleep(0.1)
+    stopped = time.perf_counter() - left
+    after = activity()
+    return {"app": app, "disconnect to decode stopped s": round(stopped, 2), "stopped by the cancel": after["cancelled"] - before["cancelled"] == 1}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", default="20,60,180", help="Recording lengths, comma-separated.")
+    parser.add_argument("--language", default="de", help="Clips of this language (tests/data/<language>_*.flac).")
+    parser.add_argument("--record", action="store_true")
+    args = parser.parse_args(argv)
+
+    clips = clips_of(args.language)
+    rows, stop = [], {}
+    with tempfile.TemporaryDirectory() as tmp, LocalServeCluster(log_to_driver=False) as cluster:
+        local, _ = base_config(cluster.http_port)
+        cluster.deploy_applications(local)
+        cluster.wait(APPS, timeout_s=1200)
+        url = f"{cluster.url}/v1/audio/transcriptions"
+        httpx.post(url, files={"file": ("warm.flac", (DATA / "en_jfk.flac").read_bytes())}, timeout=600).raise_for_status()
+        for minutes in [float(m) for m in args.minutes.split(",")]:
+            path = Path(tmp) / f"recording_{minutes:g}min.wav"
+            spans = build_recording(path, clips, minutes)
+            row = run_one(url, path, spans, minutes * 60)
+            if minutes == min(float(m) for m in args.minutes.split(",")):
+                stop = time_to_stop(url, path, row["model"])
+                print(stop, flush=True)
+            path.unlink()
+            print(row, flush=True)
+            rows.append(row)
+    baseline = rows[0]
+    for row in rows:
+        for app in APPS:
+            row[f"{app} peak / shortest's"] = round(row[f"peak {app} MB"] / baseline[f"peak {app} MB"], 2)
+    body = (f"Recordings of {args.language} clips from tests/data with {PAUSE_S} s pauses, 16 kHz 16-bit wav, sent with "
+            f"`stream=true`; default pieces (240 s, the first 30 s). Peak RSS per replica while each ran; flat memory "
+            f"means the peaks stay at the shortest recording's.\n\n" + md_table(rows)
+            + "\n\nA client that leaves after the first piece of the shortest recording (the decode of the second "
+            "piece stops at its next batch; no timing asserted in tests):\n\n" + md_table([stop]))
+    print(body)
+    if args.record:
+        record(f"Long recordings ({args.minutes} min, {args.language})", body,
+               command="python bench/long_audio.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

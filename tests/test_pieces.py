@@ -1,0 +1,194 @@
+"""Long recordings without a cluster (fast): the block reader on files and video containers, cuts
+at quiet moments that lose and double nothing, and the piece feed that stops its thread when
+closed. The same over HTTP and a handle: tests/test_long_audio.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import tempfile
+from contextlib import aclosing, nullcontext
+
+import av
+import numpy as np
+import pytest
+
+from deployments.contract import SAMPLE_RATE
+from deployments.vad import WINDOW_SAMPLES, silero_vad
+from serve_app.audio import AudioReader, TruncatedAudioError, decode_audio
+from serve_app.pieces import QUIET_PROBABILITY, cut_pieces, feed_pieces
+from tests.conftest import DATA
+
+LIMIT_S = 3 * 3600
+ZH_70S = DATA / "zh_funasr_vad_example_70s.flac"
+
+
+def encode_video(audio: np.ndarray, container: str, video_codec: str, audio_codec: str, *, rate: int = 48000) -> bytes:
+    """A small video (a grey picture at 5 fps) with `audio` (16 kHz mono) as its sound track."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=container) as out:
+        video = out.add_stream(video_codec, rate=5)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        sound = out.add_stream(audio_codec, rate=rate)
+        sound.layout = "stereo"
+        resampler = av.AudioResampler(format=sound.codec_context.format.name, layout="stereo", rate=rate)
+        frame = av.AudioFrame.from_ndarray(audio.astype(np.float32)[None, :], format="flt", layout="mono")
+        frame.sample_rate = SAMPLE_RATE
+        frame.pts = None
+        for converted in [*resampler.resample(frame), *resampler.resample(None)]:
+            converted.pts = None
+            for packet in sound.encode(converted):
+                out.mux(packet)
+        for packet in sound.encode(None):
+            out.mux(packet)
+        picture = np.full((48, 64, 3), 128, np.uint8)
+        for i in range(int(audio.size / SAMPLE_RATE * 5)):
+            vframe = av.VideoFrame.from_ndarray(picture, format="rgb24")
+            vframe.pts = i
+            for packet in video.encode(vframe):
+                out.mux(packet)
+        for packet in video.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def zh_70s() -> np.ndarray:
+    return decode_audio(ZH_70S.read_bytes(), max_seconds=LIMIT_S)
+
+
+def test_the_reader_gives_the_same_samples_from_a_path_a_spool_file_and_bytes_in_bounded_blocks(zh_70s):
+    with AudioReader(ZH_70S, max_seconds=LIMIT_S, block_seconds=10) as reader:
+        blocks = list(reader.blocks())
+        assert reader.expected_seconds == pytest.approx(70.47, abs=0.01)
+    assert max(b.size for b in blocks) == 10 * SAMPLE_RATE and len(blocks) == 8
+    assert np.array_equal(np.concatenate(blocks), zh_70s)
+    # An HTTP upload is a spooled temporary file that has rolled over to disk.
+    with tempfile.SpooledTemporaryFile(max_size=1024) as spool:
+        spool.write(ZH_70S.read_bytes())
+        assert spool._rolled
+        with AudioReader(spool, max_seconds=LIMIT_S) as reader:
+            assert np.array_equal(np.concatenate(list(reader.blocks())), zh_70s)
+        assert not spool.closed  # the request's file is closed by its owner
+
+
+@pytest.mark.parametrize("container, video_codec, audio_codec", [("mp4", "libx264", "aac"), ("matroska", "mpeg4", "libopus"), ("webm", "libvpx", "libopus"), ("mov", "mpeg4", "aac")])
+def test_the_sound_track_of_a_video_is_decoded(zh_70s, container, video_codec, audio_codec):
+    clip = zh_70s[: 8 * SAMPLE_RATE]
+    video = encode_video(clip, container, video_codec, audio_codec)
+    with av.open(io.BytesIO(video)) as check:
+        assert check.streams.video and check.streams.audio
+    audio = decode_audio(video, max_seconds=LIMIT_S)
+    assert audio.size / SAMPLE_RATE == pytest.approx(8.0, abs=0.1)
+    # the same sound (lossy codecs, resampled twice): strongly correlated once aligned
+    lag = int(np.argmax(np.correlate(audio[8000:24000], clip[8000:12000], "valid")))
+    n = min(clip.size, audio.size - lag) - 1000
+    assert np.corrcoef(audio[lag : lag + n], clip[:n])[0, 1] > 0.9
+
+
+def test_a_truncated_recording_is_refused_or_becomes_a_warning(zh_70s):
+    wav = io.BytesIO()
+    import wave
+
+    with wave.open(wav, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(SAMPLE_RATE)
+        w.writeframes((zh_70s[: 20 * SAMPLE_RATE] * 32767).astype("<i2").tobytes())
+    cut = wav.getvalue()[: len(wav.getvalue()) // 2]
+    with pytest.raises(TruncatedAudioError):
+        decode_audio(cut, max_seconds=LIMIT_S)
+    with AudioReader(cut, max_seconds=LIMIT_S, truncation_is_warning=True) as reader:
+        audio = np.concatenate(list(reader.blocks()))
+        (warning,) = reader.warnings()
+    assert audio.size / SAMPLE_RATE == pytest.approx(10.0, abs=0.01)
+    assert "declares 20.00 s but only 10.00 s" in warning
+
+
+def test_pieces_are_cut_in_quiet_moments_and_lose_or_double_nothing(zh_70s):
+    blocks = [zh_70s[i : i + 7 * SAMPLE_RATE] for i in range(0, zh_70s.size, 7 * SAMPLE_RATE)]
+    pieces = list(cut_pieces(blocks, piece_seconds=20, first_piece_seconds=10, search_seconds=6))
+    assert np.array_equal(np.concatenate([p.audio for p in pieces]), zh_70s)
+    assert [p.index for p in pieces] == list(range(len(pieces))) and len(pieces) >= 4
+    assert pieces[0].duration_s <= 10 and all(p.duration_s <= 20 for p in pieces)
+    assert all(a.start_sample + a.audio.size == b.start_sample for a, b in zip(pieces, pieces[1:]))
+    vad = silero_vad()
+    for piece in pieces[1:]:
+        around = zh_70s[piece.start_sample - WINDOW_SAMPLES * 2 : piece.start_sample + WINDOW_SAMPLES * 2]
+        assert vad(around.copy()).max() < QUIET_PROBABILITY + 0.15, piece.start_s
+
+
+def test_a_recording_within_the_piece_length_stays_whole(zh_70s):
+    (piece,) = cut_pieces([zh_70s[:30 * SAMPLE_RATE], zh_70s[30 * SAMPLE_RATE:]], piece_seconds=71, first_piece_seconds=71, search_seconds=10)
+    assert piece.start_sample == 0 and np.array_equal(piece.audio, zh_70s)
+
+
+def test_closing_the_feed_stops_decoding_and_closes_the_reader():
+    async def main():
+        reader = AudioReader(ZH_70S, max_seconds=LIMIT_S, block_seconds=5)
+        feed = feed_pieces(nullcontext(cut_pieces(reader.blocks(), piece_seconds=10, first_piece_seconds=10, search_seconds=4)))
+        async with aclosing(feed):
+            first = await anext(feed)
+        reader.close()
+        return first, reader.decoded_samples
+
+    first, decoded = asyncio.run(main())
+    assert first.index == 0
+    # one piece consumed, one queued, one being cut when the feed closed: far from the 70 s
+    assert decoded / SAMPLE_RATE <= 45
+
+
+def test_errors_while_decoding_reach_the_consumer():
+    async def main():
+        damaged = bytearray(ZH_70S.read_bytes())
+        damaged[len(damaged) // 2 :] = b"\x00" * (len(damaged) - len(damaged) // 2)
+        reader = AudioReader(bytes(damaged), max_seconds=LIMIT_S)
+        feed = feed_pieces(nullcontext(cut_pieces(reader.blocks(), piece_seconds=10, first_piece_seconds=10, search_seconds=4)))
+        async with aclosing(feed):
+            return [p async for p in feed]
+
+    with pytest.raises(Exception) as e:
+        asyncio.run(main())
+    assert "damaged or cut off" in str(e.value) or "truncated" in str(e.value)
+
+
+def test_stream_events_follow_openais_shapes_and_end_with_an_error_event_on_failure():
+    from deployments.contract import ModelUnavailableError
+    from serve_app.events import stream_events
+    from serve_app.transcription import PieceDone
+
+    class FailsAfterOnePiece:  # the one part of a Transcription that stream_events reads
+        async def events(self):
+            yield PieceDone([{"start": 0.0, "end": 2.5, "text": "Hello there."}], "Hello there.", 30.0, 90.0, "whisperx")
+            raise ModelUnavailableError("whisperx has no running replica")
+
+    async def collect():
+        return [e async for e in stream_events(FailsAfterOnePiece())]
+
+    delta, segment, progress, error = asyncio.run(collect())
+    assert delta == {"type": "transcript.text.delta", "delta": "Hello there."}
+    assert segment == {"type": "transcript.text.segment", "id": "seg_0", "start": 0.0, "end": 2.5, "text": "Hello there.", "speaker": None}
+    assert progress == {"type": "transcript.progress", "done_seconds": 30.0, "total_seconds": 90.0, "model": "whisperx"}
+    assert error["type"] == "error" and set(error["error"]) == {"message", "type", "param", "code"}
+    assert error["error"]["code"] == "model_unavailable"
+
+
+def test_excerpts_come_from_where_they_are_asked_and_the_reader_then_starts_over(zh_70s):
+    with AudioReader(ZH_70S, max_seconds=LIMIT_S) as reader:
+        excerpts = reader.excerpts([10.0, 40.0], 5.0)
+        whole = np.concatenate(list(reader.blocks()))
+    assert np.array_equal(whole, zh_70s)
+    for start, excerpt in zip((10.0, 40.0), excerpts):
+        assert excerpt.size == 5 * SAMPLE_RATE
+        at = int(start * SAMPLE_RATE)
+        assert np.allclose(excerpt, zh_70s[at : at + excerpt.size], atol=1e-3)
+
+
+def test_the_points_vote_by_confidence_and_silent_points_do_not_count():
+    from serve_app.langid import DetectedLanguage, listen_points, vote
+
+    assert listen_points(100.0, 5, 10.0) == [5.0, 25.0, 45.0, 65.0, 85.0]
+    assert listen_points(20.0, 2, 30.0) == [0.0, 0.0]
+    result = vote([DetectedLanguage("en", 0.99), DetectedLanguage("zh", 0.9), DetectedLanguage("zh", 0.8), DetectedLanguage(None, 0.0)])
+    assert result.language == "zh" and result.heard == {"zh": 2, "en": 1}
+    assert result.probability == pytest.approx(1.7 / 3)
+    assert vote([DetectedLanguage(None, 0.0)]).language is None
