@@ -12,10 +12,18 @@ import time
 from typing import Iterable
 
 
+# Ray's fixed defaults: a free port that the OS hands out could be one of them, and Ray refuses
+# to start when two of its components would share a port.
+_RAY_DEFAULT_PORTS = {6379, 8265, 8000, 10001, 52365}
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _RAY_DEFAULT_PORTS:
+            return port
 
 
 class LocalServeCluster:

@@ -285,8 +285,13 @@ class TranscriptionIngress:
         )
         if request.stream:
             return StreamingResponse(_closing(sse_stream(transcription), stack), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
-        async with stack:
-            finished = await transcription.collect()
+        try:
+            async with stack:
+                finished = await transcription.collect()
+        except BackPressureError as e:
+            # Serve adds its own handler for this exception to the app when the replica starts,
+            # over ours, and it answers in plain text: answer it here.
+            return error_response_for(e)
         headers = {MODEL_HEADER: finished.body["model"] or "", "Server-Timing": server_timing(timings)}
         if finished.fallback:
             headers[FALLBACK_HEADER] = finished.fallback

@@ -122,7 +122,18 @@ async def feed_pieces(pieces: "AbstractContextManager[Iterator[Piece]]", *, ahea
         if not stop.is_set():
             put(item)
 
-    producer = asyncio.ensure_future(asyncio.to_thread(produce))
+    finished = loop.create_future()
+
+    def run() -> None:
+        try:
+            produce()
+        finally:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
+
+    # A thread of its own, not the loop's default executor: it lives as long as the transcription,
+    # and a few long ones would otherwise take every executor thread the short steps need.
+    threading.Thread(target=run, name="klipnote-pieces", daemon=True).start()
     try:
         while True:
             item = await queue.get()
@@ -133,7 +144,7 @@ async def feed_pieces(pieces: "AbstractContextManager[Iterator[Piece]]", *, ahea
             yield item
     finally:
         stop.set()
-        while not producer.done():
+        while not finished.done():
             while not queue.empty():  # a producer waiting to put gets its place, sees `stop`
                 queue.get_nowait()
-            await asyncio.wait([producer], timeout=0.05)
+            await asyncio.wait([finished], timeout=0.05)

@@ -7,8 +7,10 @@ apps with tiny limits beside the real ones and fills them deterministically:
   the test process occupies its one slot through a handle with a long recording.
 - `probe-fallback`: an ingress routing zh to belle2-probe. One request waits in its queue, so
   the next finds the queue full (BackPressureError) and falls back to whisperx, visibly.
-- `probe-admission`: an ingress admitting one transcription at a time without fallback. While
-  one request waits, the next gets 503 with OpenAI's error body and Retry-After at once.
+- `probe-admission`: an ingress admitting two transcriptions at a time without fallback. While
+  one request waits in its queue for belle2-probe, one that names belle2 gets 503
+  `model_overloaded`; while an upload that stalls holds the second slot, the next gets 503
+  `ingress_overloaded` with OpenAI's error body and Retry-After at once.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def _probe_apps(serve_cluster) -> list:
     probes = [belle2]
     for name, args in (
         ("probe-fallback", {}),
-        ("probe-admission", {"max_in_flight": 1, "fallback_model": None}),
+        ("probe-admission", {"max_in_flight": 2, "fallback_model": None}),
     ):
         ingress = serve_cluster.app_config("transcription")
         ingress.update(name=name, route_prefix=f"/{name}")
@@ -99,6 +101,18 @@ def _probe_apps(serve_cluster) -> list:
         ingress["deployments"][0]["ray_actor_options"] = {"num_cpus": 0}
         probes.append(ingress)
     return probes
+
+
+def _stalled_upload(base_url: str, path: str):
+    """A socket that sent a transcription's headers and 20 bytes of its body, then nothing."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(base_url)
+    sock = socket.create_connection((url.hostname, url.port), timeout=60)
+    sock.sendall((f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+                  "Content-Length: 10000000\r\n\r\n--x\r\nContent-Disp").encode())
+    return sock
 
 
 def _headers_then_wait(base_url: str, path: str, *, declared: int) -> bytes:
@@ -153,15 +167,27 @@ def test_full_queues_fall_back_or_answer_503_never_hang(serve_cluster, data_dir)
         warning = body["warnings"][0]
         assert warning.startswith("belle2 could not serve this request (BackPressureError: Request dropped due to backpressure"), warning
 
-        # a full ingress: 503 at once, OpenAI's body, Retry-After
-        r = _post(f"{serve_cluster.url}/probe-admission/v1/audio/transcriptions", short)
-        assert r.status_code == 503, r.text
-        assert r.headers["Retry-After"] == "5"
-        error = r.json()["error"]
-        assert set(error) == {"message", "type", "param", "code"} and error["code"] == "ingress_overloaded"
-        # ... before the upload is read: the answer comes while most of the body is still unsent
-        raw = _headers_then_wait(f"{serve_cluster.url}", "/probe-admission/v1/audio/transcriptions", declared=10_000_000)
-        assert raw.startswith(b"HTTP/1.1 503") and b'"ingress_overloaded"' in raw, raw[:300]
+        # a full model queue without fallback: 503 in OpenAI's shape (Serve's own handler for
+        # BackPressureError, which it adds to the app, would answer in plain text)
+        r = _post(f"{serve_cluster.url}/probe-admission/v1/audio/transcriptions", short, model="belle2")
+        assert r.status_code == 503 and r.headers["content-type"] == "application/json", r.text
+        assert r.json()["error"]["code"] == "model_overloaded" and int(r.headers["Retry-After"]) > 0
+
+        # a full ingress (`waiting` and an upload that stalls hold its two slots): 503 at once,
+        # OpenAI's body, Retry-After
+        holder = _stalled_upload(serve_cluster.url, "/probe-admission/v1/audio/transcriptions")
+        try:
+            time.sleep(1)
+            r = _post(f"{serve_cluster.url}/probe-admission/v1/audio/transcriptions", short)
+            assert r.status_code == 503, r.text
+            assert r.headers["Retry-After"] == "5"
+            error = r.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["code"] == "ingress_overloaded"
+            # ... before the upload is read: the answer comes while most of the body is still unsent
+            raw = _headers_then_wait(f"{serve_cluster.url}", "/probe-admission/v1/audio/transcriptions", declared=10_000_000)
+            assert raw.startswith(b"HTTP/1.1 503") and b'"ingress_overloaded"' in raw, raw[:300]
+        finally:
+            holder.close()
 
         # a handle caller, without fallback, gets Serve's BackPressureError for the full model queue
         with pytest.raises(BackPressureError):

@@ -192,3 +192,24 @@ def test_the_points_vote_by_confidence_and_silent_points_do_not_count():
     assert result.language == "zh" and result.heard == {"zh": 2, "en": 1}
     assert result.probability == pytest.approx(1.7 / 3)
     assert vote([DetectedLanguage(None, 0.0)]).language is None
+
+
+def test_open_feeds_leave_the_default_executor_free():
+    """Ten transcriptions each waiting for the model with a piece decoded ahead: the short steps
+    (speech gate, language ID) still get a thread at once. Producers in the loop's default
+    executor (6 threads here) would hold every one of them."""
+    async def main():
+        feeds = []
+        for _ in range(10):
+            reader = AudioReader(ZH_70S, max_seconds=LIMIT_S, block_seconds=5)
+            feed = feed_pieces(nullcontext(cut_pieces(reader.blocks(), piece_seconds=10, first_piece_seconds=10, search_seconds=4)))
+            await anext(feed)
+            feeds.append((feed, reader))
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(lambda: "free"), timeout=30)
+        finally:
+            for feed, reader in feeds:
+                await feed.aclose()
+                reader.close()
+
+    assert asyncio.run(main()) == "free"
