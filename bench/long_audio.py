@@ -153,7 +153,9 @@ def time_to_stop(url: str, path: Path, app: str) -> dict:
         with http.stream("POST", url, content=iter(upload), headers={"Content-Type": f"multipart/form-data; boundary={upload.boundary}"}) as r:
             for line in r.iter_lines():
                 if line.startswith("data: ") and json.loads(line[6:])["type"] == "transcript.progress":
-                    break  # the first piece is done and the second is being decoded: leave
+                    break  # the first piece is done
+            while not activity()["decoding"]:  # the second piece has reached the model: leave
+                time.sleep(0.05)
     left = time.perf_counter()
     while activity()["decoding"]:
         time.sleep(0.1)
