@@ -7,7 +7,6 @@ runtime envs and are reached by name with `serve.get_app_handle`.
 
 
 import asyncio
-import contextlib
 import functools
 import logging
 import platform
@@ -353,12 +352,12 @@ class TranscriptionIngress:
         # Speakers are labelled per model call: a diarized recording goes whole, or one
         # speaker would carry different labels in different pieces.
         piece_seconds = settings.max_audio_seconds if opts.diarize else pieces.seconds
-        feed = feed_pieces(contextlib.nullcontext(cut_pieces(
+        feed = feed_pieces(cut_pieces(
             blocks,
             piece_seconds=piece_seconds,
             first_piece_seconds=pieces.first_seconds_streaming if streaming else piece_seconds,
             search_seconds=pieces.cut_search_seconds,
-        )))
+        ))
         subtitles = settings.subtitles
         try:
             transcription = Transcription(

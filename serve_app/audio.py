@@ -98,7 +98,7 @@ class AudioReader:
             self._close_file()
             raise InvalidAudioError("The uploaded file is empty.")
         try:
-            self._container = av.open(self._file, mode="r", metadata_errors="ignore", options=OPEN_OPTIONS)
+            self._container = _open_container(self._file)
         except av.FFmpegError as e:
             self._close_file()
             logger.info("Refused an upload of %d bytes: %s", size, e)
@@ -210,11 +210,9 @@ class AudioReader:
 
     def _reopen(self) -> None:
         """The container again, at the start (a seek back to 0 is not exact in every format)."""
-        import av
-
         self._container.close()
         self._file.seek(0)
-        self._container = av.open(self._file, mode="r", metadata_errors="ignore", options=OPEN_OPTIONS)
+        self._container = _open_container(self._file)
         self._stream = self._container.streams.audio[0]
 
     def warnings(self) -> List[str]:
@@ -226,6 +224,13 @@ class AudioReader:
         _check_complete(decoded, self.declared_seconds, max_seconds=self.max_seconds)
         if self._head[:4] == b"OggS" and not _ogg_ends_with_last_page(self._tail):
             raise TruncatedAudioError(f"The audio is truncated: the Ogg stream has no final page ({decoded:.2f} s could be decoded).")
+
+
+def _open_container(file: BinaryIO):
+    """`file` opened by FFmpeg with the demuxer allow-list and no protocols."""
+    import av
+
+    return av.open(file, mode="r", metadata_errors="ignore", options=OPEN_OPTIONS)
 
 
 def _binary_file(source: AudioSource) -> Tuple[BinaryIO, bool]:

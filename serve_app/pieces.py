@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterable, Iterator, List
 
@@ -95,12 +94,12 @@ def quiet_cut(audio: np.ndarray, lo: int, hi: int) -> int:
 _END = object()
 
 
-async def feed_pieces(pieces: "AbstractContextManager[Iterator[Piece]]", *, ahead: int = 1) -> AsyncIterator[Piece]:
+async def feed_pieces(pieces: Iterator[Piece], *, ahead: int = 1) -> AsyncIterator[Piece]:
     """The pieces of `pieces`, decoded and cut in a worker thread up to `ahead` pieces in advance.
 
     The next piece is decoded while the model transcribes this one. At most `ahead` + 2 pieces
-    exist at a time. Closing the generator (use `contextlib.aclosing`) stops the thread after the
-    block it is decoding and closes the reader in that thread, so no decoder is closed under it.
+    exist at a time. Closing the generator (use `contextlib.aclosing`) returns once the thread has
+    stopped, after the block it is decoding: only then may the reader behind `pieces` be closed.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue(maxsize=ahead)
@@ -111,11 +110,10 @@ async def feed_pieces(pieces: "AbstractContextManager[Iterator[Piece]]", *, ahea
 
     def produce() -> None:
         try:
-            with pieces as iterator:
-                for piece in iterator:
-                    if stop.is_set():
-                        return
-                    put(piece)
+            for piece in pieces:
+                if stop.is_set():
+                    return
+                put(piece)
             item = _END
         except BaseException as e:  # handed to the consumer, which raises it
             item = e

@@ -153,7 +153,6 @@ class Transcription:
                 return
             route = self._route
             warnings: List[str] = list(self._early_warnings)
-            raw: List[dict] = []
             out: List[dict] = []
             text = ""
             duration = self._silent_s
@@ -182,7 +181,6 @@ class Transcription:
                         if w not in warnings:
                             warnings.append(w)
                     piece_raw = _shifted(result["segments"], piece.start_s)
-                    raw += piece_raw
                     piece_out = piece_raw
                     if self.as_subtitles:
                         piece_out = _shifted(subtitle_segments(result["segments"], self.settings.subtitles, duration=piece.duration_s), piece.start_s)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import tempfile
-from contextlib import aclosing, nullcontext
+from contextlib import aclosing
 
 import av
 import numpy as np
@@ -125,7 +125,7 @@ def test_a_recording_within_the_piece_length_stays_whole(zh_70s):
 def test_closing_the_feed_stops_decoding_and_closes_the_reader():
     async def main():
         reader = AudioReader(ZH_70S, max_seconds=LIMIT_S, block_seconds=5)
-        feed = feed_pieces(nullcontext(cut_pieces(reader.blocks(), piece_seconds=10, first_piece_seconds=10, search_seconds=4)))
+        feed = feed_pieces(cut_pieces(reader.blocks(), piece_seconds=10, first_piece_seconds=10, search_seconds=4))
         async with aclosing(feed):
             first = await anext(feed)
         reader.close()
@@ -142,7 +142,7 @@ def test_errors_while_decoding_reach_the_consumer():
         damaged = bytearray(ZH_70S.read_bytes())
         damaged[len(damaged) // 2 :] = b"\x00" * (len(damaged) - len(damaged) // 2)
         reader = AudioReader(bytes(damaged), max_seconds=LIMIT_S)
-        feed = feed_pieces(nullcontext(cut_pieces(reader.blocks(), piece_seconds=10, first_piece_seconds=10, search_seconds=4)))
+        feed = feed_pieces(cut_pieces(reader.blocks(), piece_seconds=10, first_piece_seconds=10, search_seconds=4))
         async with aclosing(feed):
             return [p async for p in feed]
 
@@ -202,7 +202,7 @@ def test_open_feeds_leave_the_default_executor_free():
         feeds = []
         for _ in range(10):
             reader = AudioReader(ZH_70S, max_seconds=LIMIT_S, block_seconds=5)
-            feed = feed_pieces(nullcontext(cut_pieces(reader.blocks(), piece_seconds=10, first_piece_seconds=10, search_seconds=4)))
+            feed = feed_pieces(cut_pieces(reader.blocks(), piece_seconds=10, first_piece_seconds=10, search_seconds=4))
             await anext(feed)
             feeds.append((feed, reader))
         try:
