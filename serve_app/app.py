@@ -376,9 +376,11 @@ class TranscriptionIngress:
             await transcription.start()
             yield transcription
         finally:
-            await feed.aclose()  # waits for the decoding thread to stop
-            if reader is not None:
-                reader.close()
+            try:
+                await feed.aclose()
+            finally:  # also when the await is cancelled: the reader closes after the block it reads
+                if reader is not None:
+                    reader.close()
 
 
 def build_app(args: Dict[str, Any]) -> Application:

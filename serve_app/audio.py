@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import threading
 from typing import BinaryIO, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
@@ -39,6 +40,10 @@ class UnsupportedMediaError(InvalidAudioError):
 
 class TruncatedAudioError(InvalidAudioError):
     """The audio ends before its container says it does: a cut-off upload (HTTP 400)."""
+
+
+class ReaderClosedError(RuntimeError):
+    """The reader was closed while its audio was still being read (the request ended)."""
 
 
 AudioSource = Union[bytes, BinaryIO, str, "os.PathLike[str]"]
@@ -77,6 +82,12 @@ class AudioReader:
     Memory stays at one block however long the recording: a file is read by FFmpeg as it
     decodes, never loaded whole. Use as a context manager; `blocks()` raises the same errors
     as `decode_audio`, the truncation checks after the last block.
+
+    `close()` may be called from any thread at any time: FFmpeg's container must not be closed
+    while another thread reads from it (the process dies), so a close that comes while a block
+    or excerpt is being read is carried out by the reading thread as soon as it lets go, and
+    `blocks()` then raises `ReaderClosedError`. A file-like source is read through a handle of
+    the reader's own, so whoever spooled the upload may close it at any time as well.
     """
 
     def __init__(self, source: AudioSource, *, max_seconds: float, block_seconds: float = 30.0, truncation_is_warning: bool = False):
@@ -92,6 +103,9 @@ class AudioReader:
         self._truncation_is_warning = truncation_is_warning
         self._warnings: List[str] = []
         self._block = int(block_seconds * SAMPLE_RATE)
+        self._lock = threading.Lock()
+        self._close_requested = False
+        self._closed = False
         self._file, self._owned = _binary_file(source)
         self._head, self._tail, size = _edges(self._file)
         if size == 0:
@@ -123,12 +137,39 @@ class AudioReader:
         self.close()
 
     def close(self) -> None:
-        self._container.close()
-        self._close_file()
+        """Closes the container and the reader's file now, or, while another thread is reading
+        from them, as soon as it has read its block."""
+        self._close_requested = True
+        if self._lock.acquire(blocking=False):
+            try:
+                self._close_now()
+            finally:
+                self._lock.release()
+
+    def _close_now(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._container.close()
+            self._close_file()
 
     def _close_file(self) -> None:
         if self._owned:
             self._file.close()
+
+    def _take(self) -> None:
+        """Holds the container for reading; raises `ReaderClosedError` once `close()` was called."""
+        self._lock.acquire()
+        if self._close_requested:
+            self._let_go()
+            raise ReaderClosedError("The audio reader was closed.")
+
+    def _let_go(self) -> None:
+        """Lets go of the container, closing it first when `close()` came meanwhile."""
+        try:
+            if self._close_requested:
+                self._close_now()
+        finally:
+            self._lock.release()
 
     @property
     def expected_seconds(self) -> Optional[float]:
@@ -144,6 +185,8 @@ class AudioReader:
         limit = int(self.max_seconds * SAMPLE_RATE)
         pending: List[np.ndarray] = []
         pending_size = 0
+        self._take()
+        held = True
         try:
             for frame in self._container.decode(self._stream):
                 for out in resampler.resample(frame):
@@ -155,7 +198,12 @@ class AudioReader:
                     raise InvalidAudioError(f"The audio is longer than the limit of {self.max_seconds:g} s.")
                 if pending_size >= self._block:
                     joined = np.concatenate(pending)
+                    # The container is free while the block is out: a close may come meanwhile.
+                    held = False
+                    self._let_go()
                     yield joined[: self._block]
+                    self._take()
+                    held = True
                     pending, pending_size = [joined[self._block :]], joined.size - self._block
             for out in resampler.resample(None):
                 pending.append(out.to_ndarray().reshape(-1))
@@ -166,6 +214,9 @@ class AudioReader:
             raise InvalidAudioError(
                 f"The audio is damaged or cut off: it could not be decoded after {self.decoded_samples / SAMPLE_RATE:.2f} s."
             ) from e
+        finally:
+            if held:
+                self._let_go()
         if self.decoded_samples == 0:
             raise InvalidAudioError("The file contains no audio samples.")
         try:
@@ -189,6 +240,10 @@ class AudioReader:
         out = []
         wanted = int(seconds * SAMPLE_RATE)
         try:
+            self._take()
+        except ReaderClosedError:
+            return out
+        try:
             for start in starts_s:
                 self._container.seek(int(start * av.time_base), any_frame=False)
                 resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
@@ -205,7 +260,11 @@ class AudioReader:
                 out.append(joined[skip or 0 :][:wanted])
         except av.FFmpegError as e:  # a container that cannot seek: the first speech decides
             logger.info("Could not seek in an upload for language ID: %s", e)
-        self._reopen()
+        try:
+            if not self._close_requested:
+                self._reopen()
+        finally:
+            self._let_go()
         return out
 
     def _reopen(self) -> None:
@@ -234,12 +293,25 @@ def _open_container(file: BinaryIO):
 
 
 def _binary_file(source: AudioSource) -> Tuple[BinaryIO, bool]:
-    """A seekable binary file for `source`, and whether this module opened it (and closes it)."""
+    """A seekable binary file for `source`, and whether this module opened it (and closes it).
+
+    A file on disk is opened again through a duplicate of its descriptor: the one who gave it
+    (Starlette, for an upload) may close theirs while a thread still reads the recording.
+    """
     if isinstance(source, (bytes, bytearray, memoryview)):
         return io.BytesIO(bytes(source)), True
     if isinstance(source, (str, os.PathLike)):
         return open(source, "rb"), True
-    return source, False
+    try:
+        fd = source.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return source, False
+    if hasattr(source, "flush"):
+        source.flush()
+    position = source.tell()
+    own = os.fdopen(os.dup(fd), "rb")  # shares the offset, which nobody else moves any more
+    own.seek(position)
+    return own, True
 
 
 def _edges(file: BinaryIO) -> Tuple[bytes, bytes, int]:

@@ -12,6 +12,7 @@ and no word is sent twice; segment times are shifted by the piece's exact sample
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterable, Iterator, List
@@ -98,27 +99,40 @@ async def feed_pieces(pieces: Iterator[Piece], *, ahead: int = 1) -> AsyncIterat
     """The pieces of `pieces`, decoded and cut in a worker thread up to `ahead` pieces in advance.
 
     The next piece is decoded while the model transcribes this one. At most `ahead` + 2 pieces
-    exist at a time. Closing the generator (use `contextlib.aclosing`) returns once the thread has
-    stopped, after the block it is decoding: only then may the reader behind `pieces` be closed.
+    exist at a time. Closing the generator (use `contextlib.aclosing`) tells the thread to stop
+    after the block it is decoding and waits for it while the closing task is not cancelled;
+    the reader behind `pieces` may be closed at any time (`AudioReader.close` waits for the
+    block). A streamed answer whose client left is cancelled at every await (anyio cancels a
+    scope until it exits), so no await here may be needed for the thread to stop.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue(maxsize=ahead)
     stop = threading.Event()
 
-    def put(item) -> None:
-        asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
+    def put(item) -> bool:
+        """Hands `item` over; False once the consumer has gone (the loop may be gone too)."""
+        try:
+            handed = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
+        except RuntimeError:  # the loop is closed
+            return False
+        while True:
+            try:
+                handed.result(timeout=0.5)
+                return True
+            except concurrent.futures.TimeoutError:
+                if stop.is_set() or loop.is_closed():
+                    handed.cancel()
+                    return False
 
     def produce() -> None:
         try:
             for piece in pieces:
-                if stop.is_set():
+                if stop.is_set() or not put(piece):
                     return
-                put(piece)
             item = _END
         except BaseException as e:  # handed to the consumer, which raises it
             item = e
-        if not stop.is_set():
-            put(item)
+        put(item)
 
     finished = loop.create_future()
 
@@ -126,8 +140,10 @@ async def feed_pieces(pieces: Iterator[Piece], *, ahead: int = 1) -> AsyncIterat
         try:
             produce()
         finally:
-            if not loop.is_closed():
+            try:
                 loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
+            except RuntimeError:  # the loop is closed
+                pass
 
     # A thread of its own, not the loop's default executor: it lives as long as the transcription,
     # and a few long ones would otherwise take every executor thread the short steps need.
@@ -142,7 +158,6 @@ async def feed_pieces(pieces: Iterator[Piece], *, ahead: int = 1) -> AsyncIterat
             yield item
     finally:
         stop.set()
-        while not finished.done():
-            while not queue.empty():  # a producer waiting to put gets its place, sees `stop`
-                queue.get_nowait()
-            await asyncio.wait([finished], timeout=0.05)
+        while not queue.empty():
+            queue.get_nowait()
+        await asyncio.wait([finished], timeout=60)  # cancelled: the thread stops all the same

@@ -137,6 +137,97 @@ def test_closing_the_feed_stops_decoding_and_closes_the_reader():
     assert decoded / SAMPLE_RATE <= 45
 
 
+_CLOSE_WHILE_DECODING = """
+import asyncio, io, sys, tempfile, threading, time, wave
+import anyio, numpy as np
+from serve_app.audio import AudioReader
+from serve_app.pieces import cut_pieces, feed_pieces
+
+rate = 16000
+buf = io.BytesIO()
+with wave.open(buf, "wb") as w:
+    w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
+    w.writeframes((np.sin(np.arange(rate * 600) / 9) * 8000).astype("<i2").tobytes())
+wav = buf.getvalue()
+
+def spooled():
+    spool = tempfile.SpooledTemporaryFile(max_size=1 << 20)  # as Starlette spools an upload
+    spool.write(wav)
+    spool.seek(0)
+    return spool
+
+# 1. close() from another thread while blocks() decodes
+for i in range(8):
+    reader = AudioReader(spooled(), max_seconds=3600, block_seconds=30)
+    outcome = []
+    def read():
+        try:
+            for _ in reader.blocks():
+                pass
+            outcome.append("end")
+        except Exception as e:
+            outcome.append(type(e).__name__)
+    t = threading.Thread(target=read)
+    t.start()
+    time.sleep(0.004 * i)
+    reader.close()
+    t.join()
+    print("close", outcome[0], flush=True)
+
+# 2. the uploader closes its spool file mid-read: the reader reads on
+spool = spooled()
+reader = AudioReader(spool, max_seconds=3600, block_seconds=30)
+blocks = reader.blocks()
+next(blocks)
+spool.close()
+print("spool", sum(b.size for b in blocks) + 30 * rate == 600 * rate, flush=True)
+reader.close()
+
+# 3. a streamed answer whose client left: anyio cancels every await of the scope, the closes
+# in its finally included, while the feed's thread decodes the next piece
+async def streamed():
+    reader = AudioReader(spooled(), max_seconds=3600, block_seconds=30)
+    feed = feed_pieces(cut_pieces(reader.blocks(), piece_seconds=240, first_piece_seconds=30, search_seconds=20))
+    with anyio.CancelScope() as scope:
+        await anext(feed)
+        scope.cancel()
+        try:
+            await anyio.sleep(5)
+        finally:
+            try:
+                await feed.aclose()
+            finally:
+                reader.close()
+    for _ in range(200):
+        if not any(t.name == "klipnote-pieces" for t in threading.enumerate()):
+            return reader.decoded_samples / rate
+        await asyncio.sleep(0.05)
+    return None
+
+print("feed", asyncio.run(streamed()), flush=True)
+"""
+
+
+def test_closing_a_reader_while_a_thread_decodes_it_ends_the_read_not_the_process():
+    """A replica's piece feed decodes in a thread while the request ends: FFmpeg's container
+    closed under a read kills the process (it did, the ingress replica, on every client that
+    left a long recording). In a process of its own, so that a crash fails this test only."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    run = subprocess.run([sys.executable, "-c", _CLOSE_WHILE_DECODING], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line.split(" ", 1) for line in run.stdout.splitlines()]
+    closes = [v for k, v in lines if k == "close"]
+    assert len(closes) == 8 and set(closes) <= {"ReaderClosedError", "end"} and "ReaderClosedError" in closes, closes
+    assert dict(lines)["spool"] == "True"
+    decoded_s = dict(lines)["feed"]
+    assert decoded_s != "None", "the feed's thread did not stop"
+    assert float(decoded_s) < 600  # it stopped on the close, not at the end of the recording
+
+
 def test_errors_while_decoding_reach_the_consumer():
     async def main():
         damaged = bytearray(ZH_70S.read_bytes())
