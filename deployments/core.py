@@ -405,7 +405,7 @@ def set_torch_threads(threads: int) -> None:
         torch.set_num_threads(threads)  # get_num_threads() reads a process-wide value: no shortcut
 
 
-def process_memory(reset_peak: bool = False) -> dict:
+def process_memory(reset_peak: bool = False, pid: Optional[int] = None) -> dict:
     """This process's resident memory now and at its peak (Linux /proc), as builtins.
 
     Model replicas return it from `memory()` so that bench/ can record peak RSS per replica
@@ -414,17 +414,19 @@ def process_memory(reset_peak: bool = False) -> dict:
     Args:
         reset_peak: First reset the peak to the current RSS (Linux `clear_refs`), so that a
             later call reports the peak of what ran in between.
+        pid: Another process of the same user (bench/ reads Serve's proxy with it).
     """
+    proc = f"/proc/{pid}" if pid else "/proc/self"
     if reset_peak:
         try:
-            with open("/proc/self/clear_refs", "w") as f:
+            with open(f"{proc}/clear_refs", "w") as f:
                 f.write("5")  # "5" resets the peak RSS (VmHWM); see proc(5)
         except OSError:
             logger.warning("Could not reset the peak RSS (not Linux?).")
     fields = {"VmRSS": "rss_bytes", "VmHWM": "peak_rss_bytes", "RssAnon": "rss_anon_bytes", "RssShmem": "rss_shmem_bytes"}
-    out = {"pid": os.getpid(), **{name: 0 for name in fields.values()}}
+    out = {"pid": pid or os.getpid(), **{name: 0 for name in fields.values()}}
     try:
-        with open("/proc/self/status") as f:
+        with open(f"{proc}/status") as f:
             for line in f:
                 key, _, value = line.partition(":")
                 if key in fields:

@@ -68,6 +68,23 @@ class _Route:
 
 
 @dataclass
+class _Done:
+    """What the pieces transcribed so far add up to."""
+
+    warnings: List[str]
+    duration_s: float
+    text_language: Optional[str]
+    segments: List[dict] = field(default_factory=list)
+    text: str = ""
+    served_by: Optional[str] = None
+    first_result: Optional[dict] = None
+
+    def warn(self, warning: str) -> None:
+        if warning not in self.warnings:
+            self.warnings.append(warning)
+
+
+@dataclass
 class Transcription:
     router: ModelRouter
     detector: LanguageDetector
@@ -152,64 +169,65 @@ class Transcription:
                 yield self._no_speech()
                 return
             route = self._route
-            warnings: List[str] = list(self._early_warnings)
-            out: List[dict] = []
-            text = ""
-            duration = self._silent_s
-            first_model = route.model
-            served_by = None
-            first_result: Optional[dict] = None
-            text_language = "en" if route.opts.task == "translate" else None
+            done = _Done(warnings=list(self._early_warnings), duration_s=self._silent_s,
+                         text_language="en" if route.opts.task == "translate" else None)
             started = time.perf_counter()
             piece: Optional[Piece] = self._first
             while piece is not None:
-                duration = piece.start_s + piece.duration_s
+                done.duration_s = piece.start_s + piece.duration_s
                 if piece is self._first or await asyncio.to_thread(contains_speech, piece.audio):
-                    routed = await self.router.transcribe(route.model, piece.audio, route.opts, explicit=route.explicit, why=route.reason)
-                    if routed.fell_back:
-                        # The rest of the recording goes to the fallback directly; what is done stays done.
-                        warnings.append(_from_time(routed.warnings[0], piece.start_s))
-                        routed_warnings = routed.warnings[1:]
-                        route = _Route(routed.model, f"fallback from {route.model}", False, route.language, route.probability, route.opts)
-                    else:
-                        routed_warnings = routed.warnings
-                    served_by = served_by or routed.model
-                    result = routed.result
-                    first_result = first_result or result
-                    text_language = text_language or result.get("language") or route.language
-                    for w in [*routed_warnings, *result.get("warnings", ())]:
-                        if w not in warnings:
-                            warnings.append(w)
-                    piece_raw = _shifted(result["segments"], piece.start_s)
-                    piece_out = piece_raw
-                    if self.as_subtitles:
-                        piece_out = _shifted(subtitle_segments(result["segments"], self.settings.subtitles, duration=piece.duration_s), piece.start_s)
-                    out += piece_out
-                    piece_text = join_text(piece_raw, text_language)
-                    delta = (text_separator(text_language) if text and piece_text else "") + piece_text
-                    text += delta
-                    yield PieceDone(piece_out, delta, duration, self.total_s, routed.model)
+                    route, event = await self._transcribe_piece(piece, route, done)
+                    yield event
                 else:
-                    yield PieceDone([], "", duration, self.total_s, None)
+                    yield PieceDone([], "", done.duration_s, self.total_s, None)
                 piece = await anext(self.pieces, None)
             self.timings["model"] = time.perf_counter() - started
-        warnings += self.late_warnings()
+        yield self._finished(route, done)
+
+    async def _transcribe_piece(self, piece: Piece, route: _Route, done: "_Done") -> Tuple[_Route, PieceDone]:
+        """`piece` through `route`'s model (or the fallback, which then serves the rest)."""
+        routed = await self.router.transcribe(route.model, piece.audio, route.opts, explicit=route.explicit, why=route.reason)
+        warnings = routed.warnings
+        if routed.fell_back:
+            # The rest of the recording goes to the fallback directly; what is done stays done.
+            done.warn(_from_time(warnings[0], piece.start_s))
+            warnings = warnings[1:]
+            route = _Route(routed.model, f"fallback from {route.model}", False, route.language, route.probability, route.opts)
+        result = routed.result
+        done.served_by = done.served_by or routed.model
+        done.first_result = done.first_result or result
+        done.text_language = done.text_language or result.get("language") or route.language
+        for warning in [*warnings, *result.get("warnings", ())]:
+            done.warn(warning)
+        raw = _shifted(result["segments"], piece.start_s)
+        segments = raw
+        if self.as_subtitles:
+            segments = _shifted(subtitle_segments(result["segments"], self.settings.subtitles, duration=piece.duration_s), piece.start_s)
+        done.segments += segments
+        piece_text = join_text(raw, done.text_language)
+        delta = (text_separator(done.text_language) if done.text and piece_text else "") + piece_text
+        done.text += delta
+        return route, PieceDone(segments, delta, done.duration_s, self.total_s, routed.model)
+
+    def _finished(self, route: _Route, done: "_Done") -> Finished:
+        warnings = done.warnings + self.late_warnings()
+        first_model = self._route.model
         fallback = f"{first_model}->{route.model}" if route.model != first_model else None
-        first_result = first_result or {}
+        first_result = done.first_result or {}
         model_info = first_result.get("model", {})
         body = {
             "task": route.opts.task,
             "language": first_result.get("language") or route.language,
             "language_probability": route.probability if route.probability is not None else first_result.get("language_probability"),
-            "duration": duration,
-            "text": text,
-            "model": served_by or route.model,
+            "duration": done.duration_s,
+            "text": done.text,
+            "model": done.served_by or route.model,
             "model_info": model_info if self.settings.expose_paths else redact_paths(model_info),
             "warnings": warnings,
             "segmentation": "subtitle" if self.as_subtitles else "raw",
-            "subtitle_compliant_share": compliant_share(out, self.settings.subtitles),
+            "subtitle_compliant_share": compliant_share(done.segments, self.settings.subtitles),
         }
-        yield Finished(body, out, fallback)
+        return Finished(body, done.segments, fallback)
 
     def _no_speech(self) -> Finished:
         """The answer for audio without speech: empty, with a warning; no model is called."""
