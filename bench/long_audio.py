@@ -27,6 +27,7 @@ half WhisperX's speed on this CPU), anything else to WhisperX.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import socket
 import sys
@@ -204,10 +205,11 @@ def time_to_stop(url: str, path: Path, app: str) -> dict:
     handle = serve.get_app_handle(app)
     activity = lambda: handle.activity.remote().result(timeout_s=60)  # noqa: E731
     before = activity()
-    body = b"".join(Upload(path))
-    host, port = urlsplit(url).hostname, urlsplit(url).port
-    sock = socket.create_connection((host, port), timeout=600)
-    sock.sendall((f"POST {urlsplit(url).path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary={Upload(path).boundary}\r\n"
+    upload = Upload(path)
+    body = b"".join(upload)
+    target = urlsplit(url)
+    sock = socket.create_connection((target.hostname, target.port), timeout=600)
+    sock.sendall((f"POST {target.path} HTTP/1.1\r\nHost: {target.hostname}\r\nContent-Type: multipart/form-data; boundary={upload.boundary}\r\n"
                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
     answer = b""
     while b"transcript.progress" not in answer:  # the first piece is done
@@ -242,6 +244,16 @@ def _read_until_closed(sock: socket.socket) -> None:
         pass
 
 
+@contextlib.contextmanager
+def serving() -> Iterator[str]:
+    """The transcription URL of a cluster this script starts, deployed as `make serve` does."""
+    with LocalServeCluster(log_to_driver=False) as cluster:
+        local, _ = base_config(cluster.http_port)
+        cluster.deploy_applications(local)
+        cluster.wait(APPS, timeout_s=1200)
+        yield f"{cluster.url}/v1/audio/transcriptions"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", default="20,60,180", help="Recording lengths, comma-separated.")
@@ -256,11 +268,7 @@ def main(argv=None) -> int:
     if args.only_stop:
         return only_stop(args, clips, min(lengths))
     rows, bursts, stop = [], [], {}
-    with tempfile.TemporaryDirectory() as tmp, LocalServeCluster(log_to_driver=False) as cluster:
-        local, _ = base_config(cluster.http_port)
-        cluster.deploy_applications(local)
-        cluster.wait(APPS, timeout_s=1200)
-        url = f"{cluster.url}/v1/audio/transcriptions"
+    with tempfile.TemporaryDirectory() as tmp, serving() as url:
         httpx.post(url, files={"file": ("warm.flac", (DATA / "en_jfk.flac").read_bytes())}, timeout=600).raise_for_status()
         for minutes in lengths:
             path = Path(tmp) / f"recording_{minutes:g}min.wav"
@@ -300,11 +308,7 @@ def main(argv=None) -> int:
 
 
 def only_stop(args, clips: List[np.ndarray], minutes: float) -> int:
-    with tempfile.TemporaryDirectory() as tmp, LocalServeCluster(log_to_driver=False) as cluster:
-        local, _ = base_config(cluster.http_port)
-        cluster.deploy_applications(local)
-        cluster.wait(APPS, timeout_s=1200)
-        url = f"{cluster.url}/v1/audio/transcriptions"
+    with tempfile.TemporaryDirectory() as tmp, serving() as url:
         path = Path(tmp) / f"recording_{minutes:g}min.wav"
         build_recording(path, clips, minutes)
         stop = time_to_stop(url, path, "belle2" if args.language == "zh" else "whisperx")

@@ -157,7 +157,7 @@ async def feed_pieces(pieces: Iterator[Piece], *, ahead: int = 1) -> AsyncIterat
                 raise item
             yield item
     finally:
+        # Pieces left in the queue stay there: taking them would let a waiting `put` through,
+        # and the thread would cut one more piece before it looked at `stop`.
         stop.set()
-        while not queue.empty():
-            queue.get_nowait()
         await asyncio.wait([finished], timeout=60)  # cancelled: the thread stops all the same
