@@ -149,6 +149,12 @@ class TranscribeOptions:
             raise InvalidOptionsError(str(e)) from e
 
 
+WORDS_FROM_ALIGNER = "wav2vec2"
+WORDS_FROM_CROSS_ATTENTION = "whisper-cross-attention"
+"""Where a result's word times come from (`TranscriptionResult.word_times`): a wav2vec2 CTC
+aligner (WhisperX), or the Whisper model's own alignment heads (any model, offline)."""
+
+
 class Word(TypedDict, total=False):
     """One word with its time span in seconds; `score` is the aligner's confidence."""
 
@@ -192,6 +198,9 @@ class TranscriptionResult(TypedDict):
     duration: float
     warnings: list  # list[str]
     model: ModelInfo
+    word_times: Optional[str]
+    """Where word times come from: "wav2vec2" (an aligner), "whisper-cross-attention" (the
+    model's alignment heads); None when no words were asked for."""
 
 
 class EnvInfo(TypedDict):

@@ -87,6 +87,8 @@ class Decoded:
     segments: List[Segment]
     language: str
     language_probability: Optional[float] = None
+    word_times: Optional[str] = None
+    """Where the segments' word times come from ("wav2vec2", "whisper-cross-attention"); None: no words."""
 
 
 @dataclasses.dataclass
@@ -245,6 +247,7 @@ class ModelCore:
             duration=request.audio.size / SAMPLE_RATE,
             warnings=request.warnings,
             model=model_info,
+            word_times=decoded.word_times,
         )
 
     def model_info(self) -> ModelInfo:

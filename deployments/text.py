@@ -61,12 +61,19 @@ class ScriptConverter:
         return self._converters[script].convert(text)
 
 
-CHINESE_LANGUAGES = frozenset({"zh", "yue"})
-"""Output languages whose script `TextPostProcessor` converts; Japanese kanji are left alone."""
+KEEP_HAN_LANGUAGES = frozenset({"ja", "ko"})
+"""Languages whose Han characters are not Chinese script: Japanese kanji (and Korean hanja) keep
+their own forms (OpenCC would turn 学 into 學)."""
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]")
 
 
 class TextPostProcessor:
     """The repetition guard for every segment, then OpenCC's script conversion for Chinese.
+
+    Every segment with Han characters is converted unless the result is Japanese or Korean, not
+    only results whose language is Chinese: a Mandarin stretch inside a call decoded as English
+    (or any language Whisper settled on) still came out in its own script, and one result must
+    not mix scripts.
 
     Args:
         convert_script: Load OpenCC; without it `script` is not honoured (and the model spec
@@ -78,14 +85,15 @@ class TextPostProcessor:
 
     def __call__(self, segments: List[dict], *, language: Optional[str], script: str, warnings: List[str]) -> List[dict]:
         """Cleaned copies of `segments` (words included); a warning when a loop was collapsed."""
-        convert = self._script is not None and (language or "") in CHINESE_LANGUAGES
+        convert = self._script is not None and (language or "") not in KEEP_HAN_LANGUAGES
         looped = 0
         out = []
         for seg in segments:
             text, collapsed = collapse_repetitions(seg["text"])
             looped += collapsed
-            seg = {**seg, "text": self._script(text, script) if convert else text}
-            if convert and seg.get("words"):
+            converts = convert and _HAN.search(text) is not None
+            seg = {**seg, "text": self._script(text, script) if converts else text}
+            if converts and seg.get("words"):
                 seg["words"] = [{**w, "word": self._script(w["word"], script)} for w in seg["words"]]
             out.append(seg)
         if looped:

@@ -30,6 +30,14 @@ class LanguageIdSettings(BaseModel):
     local_files_only: bool = Field(False, description="Never reach the hub for the language-ID model.")
     listen_points: int = Field(5, ge=1, le=20, description="A recording of at least `listen_points_min_seconds` is heard at this many evenly spread points, and routed by the language most of them hear (weighted by confidence): a meeting that opens with small talk in another language goes by its majority.")
     listen_points_min_seconds: float = Field(600.0, gt=0, description="Shorter recordings are routed by their first speech.")
+    per_stretch: bool = Field(True, description="Mixed-language recordings: identify the language of each stretch of speech between pauses and send each run of one language to the model it routes to (`serve_app/stretches.py`). Off: one language per recording. Requests that name a model or a language are never split; their language is only checked.")
+    per_stretch_min_seconds: float = Field(20.0, gt=0, description="Recordings shorter than this keep one language (a clip is one utterance; language ID per stretch would only cost time).")
+    stretch_min_silence_ms: int = Field(300, ge=50, description="A pause at least this long separates two stretches.")
+    stretch_seconds: float = Field(5.0, gt=0, le=30, description="Speech of each stretch that language ID listens to (from its start; shorter stretches are padded with silence, which is how Whisper was trained).")
+    stretch_threshold: float = Field(0.8, ge=0, le=1, description="Confidence from which a stretch's language counts as heard (length-weighted over neighbours heard alike). Above `threshold`: on single-language recordings stretches were heard as Latin, Greek or Japanese at 0.53-0.61 and Russian at 0.82 (2.2 s).")
+    stretch_min_sure_seconds: float = Field(2.5, ge=0, description="Less speech than this in one language (neighbouring stretches together) takes the language of the speech around it: on a second or two Whisper's language token drifts.")
+    batch_size: int = Field(8, ge=1, description="Stretches whose language is identified in one encoder pass.")
+    check_requested: bool = Field(True, description="A request that names its model or language is still heard (its first speech; stretch by stretch from `per_stretch_min_seconds`): speech confidently in a language the named model does not decode, or other than the named language, gets a warning in the result.")
 
 
     @model_validator(mode="after")

@@ -32,7 +32,7 @@ async def stream_events(transcription: Transcription) -> AsyncIterator[dict]:
                     yield {"type": "transcript.text.delta", "delta": event.delta}
                 for seg in event.segments:
                     out = {"type": "transcript.text.segment", "id": f"seg_{segment_id}", "start": seg["start"], "end": seg["end"],
-                           "text": seg["text"], "speaker": seg.get("speaker")}
+                           "text": seg["text"], "speaker": seg.get("speaker"), "language": seg.get("language")}
                     if seg.get("words"):
                         out["words"] = seg["words"]
                     segment_id += 1

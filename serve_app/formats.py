@@ -43,7 +43,8 @@ def to_vtt(segments: List[dict]) -> str:
 
 
 def verbose_json(body: dict, segments: List[dict], *, words: bool) -> dict:
-    """OpenAI's verbose_json plus KlipNote's fields (model, warnings, language_probability)."""
+    """OpenAI's verbose_json plus KlipNote's fields (model, warnings, language_probability, languages;
+    each segment's language and model)."""
     out_segments = []
     for i, s in enumerate(segments):
         seg = {"id": i, "start": s["start"], "end": s["end"], "text": s["text"]}
@@ -51,6 +52,9 @@ def verbose_json(body: dict, segments: List[dict], *, words: bool) -> dict:
             seg["words"] = s["words"]
         if s.get("speaker"):
             seg["speaker"] = s["speaker"]
+        for key in ("language", "model"):  # per segment: a mixed-language recording is served by runs
+            if s.get(key):
+                seg[key] = s[key]
         out_segments.append(seg)
     out = {**body, "segments": out_segments}
     if words:

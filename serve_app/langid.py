@@ -10,6 +10,7 @@ import numpy as np
 
 from deployments.contract import SAMPLE_RATE
 from serve_app.config import LanguageIdSettings
+from serve_app.stretches import LanguageRun, Stretch, excerpt, language_runs, speech_stretches
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +69,31 @@ class LanguageDetector:
             # Whisper was trained on zero-padded windows; on a second or two of speech without
             # padding its language token drifts (2.2 s of English read as zh at 0.45 here).
             speech = np.pad(speech, (0, min_samples - speech.size))
-        features = self._model.feature_extractor(speech)[:, : self._model.feature_extractor.nb_max_frames]
+        return self._identify([speech])[0]
+
+    def _identify(self, clips: List[np.ndarray]) -> List[DetectedLanguage]:
+        """The language of each clip (all of one length), in one encoder pass."""
+        extractor = self._model.feature_extractor
+        features = np.stack([extractor(clip)[:, : extractor.nb_max_frames] for clip in clips])
         encoded = self._model.encode(features)
-        language, probability = self._model.model.detect_language(encoded)[0][0]
-        return DetectedLanguage(language[2:-2], float(probability))
+        return [DetectedLanguage(ranked[0][0][2:-2], float(ranked[0][1])) for ranked in self._model.model.detect_language(encoded)]
+
+    def runs(self, audio: np.ndarray) -> List[LanguageRun]:
+        """`audio` (a piece) as runs of one language (`serve_app/stretches.py`)."""
+        settings = self._settings
+        spans = speech_stretches(audio, settings.stretch_min_silence_ms)
+        samples = int(settings.stretch_seconds * SAMPLE_RATE)
+        stretches: List[Stretch] = []
+        for first in range(0, len(spans), settings.batch_size):
+            batch = spans[first : first + settings.batch_size]
+            heard = self._identify([excerpt(audio, start, end, samples) for start, end in batch])
+            stretches += [Stretch(start, end, d.language, d.probability) for (start, end), d in zip(batch, heard)]
+        return language_runs(
+            stretches,
+            audio.size,
+            threshold=settings.stretch_threshold,
+            min_sure_samples=int(settings.stretch_min_sure_seconds * SAMPLE_RATE),
+        )
 
 
 class LanguageVote(NamedTuple):

@@ -71,14 +71,16 @@ SMALL_PIECES = {"seconds": 20, "first_seconds_streaming": 6, "cut_search_seconds
 
 
 def small_pieces_ingress(cluster: ServeCluster, name: str = "probe-pieces") -> dict:
-    """An ingress app beside the real one, at /<name>, with `SMALL_PIECES` and language ID at
-    several points of recordings from 60 s on (the defaults: 240 s pieces, 600 s). Its uploads
+    """An ingress app beside the real one, at /<name>, with `SMALL_PIECES`, one language per
+    recording, heard at several points of recordings from 60 s on (the defaults: 240 s pieces,
+    a language per stretch of speech, 600 s). Its uploads
     may stall for 5 s (the default: 30 s), so a streamed answer longer than that shows that the
     idle limit ends with the upload."""
     ingress = cluster.app_config("transcription")
     ingress.update(name=name, route_prefix=f"/{name}")
     ingress["args"]["pieces"] = dict(SMALL_PIECES)
-    ingress["args"]["language_id"].update(listen_points_min_seconds=60)
+    # One language per recording, as a deployment that turns per-stretch routing off.
+    ingress["args"]["language_id"].update(listen_points_min_seconds=60, per_stretch=False)
     ingress["args"]["upload_idle_timeout_s"] = 5
     ingress["deployments"][0]["ray_actor_options"] = {"num_cpus": 0}
     return ingress

@@ -8,6 +8,10 @@ import wave
 
 import httpx
 import pytest
+from opencc import OpenCC
+
+from tests.mixed import MANDARIN_ENGLISH, mixed_recording
+from tests.test_long_audio import wav_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -121,7 +125,18 @@ def test_mandarin_falls_back_to_whisperx_visibly_when_belle2_is_gone(serve_clust
         assert body["model"] == "whisperx"
         assert r.headers["X-KlipNote-Fallback"] == "belle2->whisperx"
         assert any("belle2" in w and "whisperx" in w for w in body["warnings"])
-        assert "广州" in body["text"] or "廣州" in body["text"]
+        # one script throughout: WhisperX's Chinese is converted as BELLE-2's is (simplified by default)
+        simplified = OpenCC("t2s")
+        assert "广州" in body["text"] and simplified.convert(body["text"]) == body["text"]
+        meeting, _ = mixed_recording([data_dir / f for f in MANDARIN_ENGLISH], [f[:2] for f in MANDARIN_ENGLISH])
+        r = _post(serve_cluster.url, wav_bytes(meeting), "meeting.wav", response_format="verbose_json")
+        assert r.status_code == 200, r.text
+        mixed = r.json()
+        assert {s["model"] for s in mixed["segments"]} == {"whisperx"}
+        assert {s["language"] for s in mixed["segments"]} == {"zh", "en"}
+        assert r.headers["X-KlipNote-Fallback"] == "belle2->whisperx"
+        zh_text = "".join(s["text"] for s in mixed["segments"] if s["language"] == "zh")
+        assert "广州" in zh_text and simplified.convert(zh_text) == zh_text
         health = httpx.get(f"{serve_cluster.url}/health", timeout=30).json()
         assert health["models"] == {"belle2": False, "whisperx": True}
     finally:

@@ -43,3 +43,29 @@ def test_detects_the_spoken_language(detector, row):
 def test_no_speech_gives_no_language(detector):
     detect, _ = detector
     assert detect("noise_picovoice_empty.flac").language is None
+
+
+def test_a_mixed_recording_is_heard_as_runs_of_its_languages(detector, data_dir):
+    from serve_app.langid import LanguageDetector
+    from tests.mixed import MANDARIN_ENGLISH, mixed_recording
+
+    _, settings = detector
+    audio, clips = mixed_recording([data_dir / f for f in MANDARIN_ENGLISH], [f[:2] for f in MANDARIN_ENGLISH])
+    runs = LanguageDetector(settings.language_id).runs(audio)
+    # the two Mandarin clips at the end are one run; each run ends in the pause after its last clip
+    assert [r.language for r in runs] == ["zh", "en", "zh", "en", "zh"]
+    ends = [clips[0].end_s, clips[1].end_s, clips[2].end_s, clips[3].end_s]
+    for run, end_s in zip(runs, ends):
+        assert end_s <= run.end / 16000 <= end_s + 0.8
+    assert runs[-1].end == audio.size
+
+
+@pytest.mark.parametrize("name", ["de_librivox_simplicissimus.flac", "zh_funasr_vad_example_70s.flac"])
+def test_a_long_single_language_recording_is_one_run(detector, name):
+    from serve_app.audio import decode_audio
+    from serve_app.langid import LanguageDetector
+
+    _, settings = detector
+    audio = decode_audio((ROOT / "tests" / "data" / name).read_bytes(), max_seconds=3600)
+    runs = LanguageDetector(settings.language_id).runs(audio)
+    assert [(r.start, r.end, r.language) for r in runs] == [(0, audio.size, name[:2])]

@@ -43,7 +43,7 @@ def test_models_list_each_apps_declared_spec(base_url):
     assert set(models) == {"auto", "belle2", "whisperx"}
     belle2, whisperx = models["belle2"], models["whisperx"]
     assert belle2["languages"] == ["zh"] and belle2["tasks"] == ["transcribe"] and belle2["available"]
-    assert belle2["capabilities"] == {"word_timestamps": False, "speakers": False, "script_choice": True}
+    assert belle2["capabilities"] == {"word_timestamps": True, "speakers": False, "script_choice": True}
     assert whisperx["languages"] == [] and whisperx["tasks"] == ["transcribe", "translate"]
     # no diarization_model in the local config: whisperx declares no speakers
     assert whisperx["capabilities"] == {"word_timestamps": True, "speakers": False, "script_choice": True}
@@ -51,9 +51,9 @@ def test_models_list_each_apps_declared_spec(base_url):
 
 
 def test_an_option_the_chosen_model_does_not_honour_is_a_400_naming_both(base_url):
-    error = _error(_post(base_url, ZH_CLIP, model="belle2", **{"timestamp_granularities[]": "word"}), 400)
-    assert error["code"] == "unsupported_option" and error["param"] == "timestamp_granularities[]"
-    assert "word_timestamps" in error["message"] and "belle2" in error["message"] and "whisperx" in error["message"], error
+    error = _error(_post(base_url, ZH_CLIP, model="belle2", diarize="true"), 400)
+    assert error["code"] == "unsupported_option" and error["param"] == "diarize"
+    assert "belle2 does not label speakers" in error["message"], error
     error = _error(_post(base_url, ZH_CLIP, model="belle2", language="en"), 400)
     assert error["param"] == "language" and "belle2 decodes zh only" in error["message"], error
     with open(DATA / ZH_CLIP, "rb") as f:
@@ -65,13 +65,13 @@ def test_an_option_the_chosen_model_does_not_honour_is_a_400_naming_both(base_ur
 
 
 def test_under_auto_an_unhonoured_option_is_reported_in_warnings(base_url):
-    r = _post(base_url, ZH_CLIP, **{"timestamp_granularities[]": "word"})
+    r = _post(base_url, ZH_CLIP, diarize="true")
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == "belle2" and "X-KlipNote-Fallback" not in r.headers
     (warning,) = body["warnings"]
-    assert warning.startswith("Option word_timestamps=True was not applied: belle2 does not produce word timestamps"), warning
-    assert "language zh" in warning and "model=whisperx" in warning, warning
+    assert warning.startswith("Option diarize=True was not applied: belle2 does not label speakers"), warning
+    assert "language zh" in warning, warning
     assert "广州" in body["text"]
 
 
@@ -89,9 +89,9 @@ def test_the_model_app_itself_refuses_what_its_spec_does_not_list(serve_cluster)
 
     audio = decode_audio((DATA / ZH_CLIP).read_bytes(), max_seconds=60)
     handle = serve.get_app_handle("belle2")
-    assert handle.spec.remote().result(timeout_s=60)["options"] == ["beam_size", "initial_prompt", "script", "temperature"]
-    with pytest.raises(UnsupportedOptionError, match="belle2 does not produce word timestamps"):
-        handle.transcribe.remote(audio, {"word_timestamps": True}).result(timeout_s=600)
+    assert handle.spec.remote().result(timeout_s=60)["options"] == ["beam_size", "initial_prompt", "script", "temperature", "word_timestamps"]
+    with pytest.raises(UnsupportedOptionError, match="belle2 does not label speakers"):
+        handle.transcribe.remote(audio, {"diarize": True}).result(timeout_s=600)
 
 
 # -- a third model, as the README adds it ------------------------------------------------------

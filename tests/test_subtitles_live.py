@@ -47,8 +47,6 @@ def test_long_recordings_become_compliant_subtitles(base_url, data_dir, clip, mo
         assert a["start"] <= a["end"] <= b["start"] + 1e-3
     assert segments[-1]["end"] <= body["duration"] + 1e-3
     if "timestamp_granularities[]" in form:
-        timed = [s for s in segments if s.get("words") and "start" in s["words"][0]]
-        if timed:  # cues cut on the aligner's word times
-            assert all(s["start"] <= s["words"][0]["start"] + 1e-3 for s in timed)
-        else:  # no wav2vec2 alignment model offline: character-share times, and the warning says so
-            assert any("Word timestamps are unavailable" in w for w in body["warnings"]), body["warnings"]
+        # cues cut on word times (offline: from Whisper's cross-attention, and the result says so)
+        assert all(s.get("words") and s["start"] <= s["words"][0]["start"] + 1e-3 for s in segments), segments
+        assert body["word_times"] == [{"model": "whisperx", "language": "de", "source": "whisper-cross-attention"}]

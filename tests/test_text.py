@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.text import ScriptConverter, collapse_repetitions, has_repetition_loop
+import numpy as np
+
+from deployments.text import ScriptConverter, TextPostProcessor, collapse_repetitions, has_repetition_loop
 
 # Degenerate Whisper output seen in the wild: a unit repeated until the token budget runs out.
 LOOPS = [
@@ -61,3 +63,36 @@ def test_script_converter_both_ways():
     assert convert("欢迎大家来体验语音识别模型", "traditional") == "歡迎大家來體驗語音識別模型"
     assert convert("歡迎大家來體驗語音識別模型", "simplified") == "欢迎大家来体验语音识别模型"
     assert convert("砸自己的脚", "simplified") == "砸自己的脚"
+
+
+def test_every_segment_with_chinese_script_is_converted_whatever_language_the_call_settled_on():
+    # A Mandarin stretch inside a call decoded as English kept its own script before: one result mixed scripts.
+    process = TextPostProcessor()
+    segments = [{"start": 0.0, "end": 2.0, "text": "歡迎大家來體驗", "words": [{"word": "歡迎", "start": 0.0, "end": 1.0}]},
+                {"start": 2.0, "end": 4.0, "text": "Welcome, everyone."}]
+    for language in ("zh", "en", None):
+        out = process(segments, language=language, script="simplified", warnings=[])
+        assert [s["text"] for s in out] == ["欢迎大家来体验", "Welcome, everyone."], language
+        assert out[0]["words"][0]["word"] == "欢迎"
+    # Japanese kanji are not Chinese script: 学 must not become 學.
+    kanji = [{"start": 0.0, "end": 2.0, "text": "大学で勉強する"}]
+    assert process(kanji, language="ja", script="traditional", warnings=[])[0]["text"] == "大学で勉強する"
+    assert process(kanji, language="zh", script="traditional", warnings=[])[0]["text"] == "大學で勉強する"
+
+
+@pytest.mark.parametrize("path", ["deployments.whisperx.core:WhisperXCore", "deployments.belle2.core:Belle2Core", "deployments.fasterwhisper.core:FasterWhisperCore"])
+def test_every_model_core_guards_repetitions_and_converts_script(path):
+    # The guard and OpenCC are the shared base's (ModelCore.envelope): no plug-in may go around them.
+    from deployments.core import Decoded, DecodeRequest, ModelCore, import_core
+    from deployments.contract import TranscribeOptions
+
+    core_class = import_core(path)
+    assert core_class.envelope is ModelCore.envelope and core_class.transcribe is ModelCore.transcribe
+    core = core_class.__new__(core_class)  # the envelope needs no model: no torch in this env
+    core.args, core.device, core.load_time_s, core._compute_type = core_class.Args.model_validate({"model": "m"}), "cpu", 0.0, "float32"
+    core.text = TextPostProcessor(convert_script=core.model_spec().script_choice)
+    request = DecodeRequest(np.zeros(16000, dtype=np.float32), TranscribeOptions())
+    looping = Decoded(segments=[{"start": 0.0, "end": 1.0, "text": "thank you " * 12}, {"start": 1.0, "end": 2.0, "text": "歡迎"}], language="en")
+    result = core.envelope(request, looping)
+    assert [s["text"] for s in result["segments"]] == ["thank you thank you ", "欢迎"]
+    assert any("repetition loop" in w for w in result["warnings"])

@@ -171,15 +171,20 @@ def test_alignment_mechanics_with_random_wav2vec2(whisperx_probe, data_dir):
         assert " ".join(w["word"] for w in seg["words"]) == " ".join(seg["text"].split())
 
 
-def test_alignment_model_missing_offline_keeps_segments_with_a_warning(base_url, data_dir):
-    """No German aligner offline: 200, segment times kept, a warning that names the language."""
-    r = transcribe_http(base_url, data_dir / "de_picovoice_test_de.flac", **{"timestamp_granularities[]": "word"})
+def test_without_an_aligner_offline_words_come_from_whispers_cross_attention(base_url, data_dir):
+    """No German aligner offline: words from the Whisper model's alignment heads, flagged as such."""
+    r = transcribe_http(base_url, data_dir / "de_picovoice_test_de.flac", **{"timestamp_granularities[]": "word"}, segmentation="raw")
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["language"] == "de"
-    assert body["segments"] and all("words" not in s for s in body["segments"])
+    assert body["word_times"] == [{"model": "whisperx", "language": "de", "source": "whisper-cross-attention"}]
+    assert any("'de'" in w and "cross-attention" in w for w in body["warnings"]), body["warnings"]
     assert_timestamps_sane(body["segments"], body["duration"])
-    assert any("'de'" in w and "Word timestamps are unavailable" in w for w in body["warnings"]), body["warnings"]
+    for seg in body["segments"]:
+        assert " ".join(w["word"] for w in seg["words"]) == " ".join(seg["text"].split()), seg
+        times = [t for w in seg["words"] for t in (w["start"], w["end"])]
+        assert times == sorted(times) and seg["start"] - 0.01 <= times[0] and times[-1] <= seg["end"] + 0.01, seg
+    assert body["words"] == [w for s in body["segments"] for w in s["words"]]
 
 
 # -- diarization configuration errors ------------------------------------------------------------

@@ -19,7 +19,8 @@ from pydantic import Field
 
 from deployments.belle2.speedups import Speedups
 from deployments.belle2.windows import Window, plan_windows, remaining_window
-from deployments.contract import SAMPLE_RATE, ModelInfo, ModelSpec, Segment, TranscribeOptions
+from deployments.belle2.words import FRAMES_PER_SECOND, alignment_heads, recorded_cross_attention, timed_words, token_times
+from deployments.contract import SAMPLE_RATE, WORDS_FROM_CROSS_ATTENTION, ModelInfo, ModelSpec, Segment, TranscribeOptions
 from deployments.core import Decoded, DecodeRequest, ModelAppArgs, ModelCore, resolve_compute_type, set_torch_threads, spec_options, stop_if_cancelled
 from deployments.pinned_decode import transformers_generate_kwargs, transformers_window_tokens
 from deployments.vad import VadOptions, speech_timestamps
@@ -63,7 +64,7 @@ class Belle2Core(ModelCore):
         description="BELLE-2 Whisper large-v3 fine-tuned for Mandarin (transformers): forced zh, beam search, temperature fallback.",
         languages=("zh",),
         tasks=("transcribe",),
-        options=spec_options("initial_prompt", "temperature", "beam_size", "script"),
+        options=spec_options("initial_prompt", "temperature", "beam_size", "word_timestamps", "script"),
         detects_language=False,
         aliases=("belle-2",),
     )
@@ -91,12 +92,20 @@ class Belle2Core(ModelCore):
         self.speedups = Speedups(
             self._model, shortcuts=args.decoding_shortcuts, onednn=cpu and args.onednn_linears, warn=self.warn_at_start
         )
+        self._alignment_heads, heads_note = alignment_heads(self._model)
+        if heads_note:
+            (logger.info if self._alignment_heads else self.warn_at_start)(f"Word times: {heads_note}.")
         self._vad_options = VadOptions(
             threshold=args.vad_threshold,
             min_silence_duration_ms=args.vad_min_silence_ms,
             max_speech_duration_s=WINDOW_SECONDS - 1,
             speech_pad_ms=0,
         )
+
+    def model_spec(self) -> ModelSpec:
+        if getattr(self, "_alignment_heads", True) is None:  # no heads to place words with
+            return self.spec._replace(options=self.spec.options - {"word_timestamps"})
+        return self.spec
 
     def decode_threads(self) -> int:
         return self._decoder_threads
@@ -154,16 +163,20 @@ class Belle2Core(ModelCore):
         segments: List[Segment] = []
         pinned = self.args.pinned_decode_tokens
         # A pinned window ends wherever random timestamps put it: no follow-up pass (or its work) then.
-        for _ in range(1 if pinned else 1 + MAX_FOLLOW_UPS):
+        for follow_up in range(1 if pinned else 1 + MAX_FOLLOW_UPS):
             left_over: List[Window] = []
             for first in range(0, len(windows), self.args.batch_size):
                 stop_if_cancelled()
                 batch = windows[first : first + self.args.batch_size]
-                out = self.generate([audio[w.start : w.end] for w in batch], opts)
+                chunks = [audio[w.start : w.end] for w in batch]
+                out = self.generate(chunks, opts)
                 if pinned:
                     request.window_tokens.extend(transformers_window_tokens(out["sequences"].tolist(), self._processor.tokenizer))
-                for window, window_segments in zip(batch, out["segments"]):
-                    placed = self._place(window, window_segments, audio.size)
+                words = self.word_times(chunks, out["segments"], opts) if opts.word_timestamps else [None] * len(batch)
+                for window, window_segments, window_words in zip(batch, out["segments"], words):
+                    placed = self._place(window, window_segments, audio.size, window_words)
+                    if follow_up:
+                        placed = _from_speech_onset(placed, window, speech)
                     segments.extend(placed)
                     rest = self._remaining(window, placed, speech)
                     if rest is not None:
@@ -173,7 +186,8 @@ class Belle2Core(ModelCore):
             logger.info("Decoding again the speech left after an early end in %d window(s).", len(left_over))
             windows = left_over
         segments.sort(key=lambda s: s["start"])
-        return Decoded(segments=_without_overlaps(segments), language="zh")
+        word_times = WORDS_FROM_CROSS_ATTENTION if opts.word_timestamps else None
+        return Decoded(segments=_without_overlaps(segments), language="zh", word_times=word_times)
 
     def windows(self, audio: np.ndarray) -> List[Window]:
         """The decoder inputs `decode` cuts `audio` into (VAD spans merged to <= 30 s)."""
@@ -237,19 +251,85 @@ class Belle2Core(ModelCore):
             min_speech_samples=int(FOLLOW_UP_MIN_SPEECH_S * SAMPLE_RATE),
         )
 
-    def _place(self, window: Window, raw_segments: list, total_samples: int) -> List[Segment]:
-        """Turns a window's segments into absolute times, clipped to the window."""
+    def word_times(self, chunks: List[np.ndarray], segments: List[list], opts: TranscribeOptions) -> List[List[List[dict]]]:
+        """Words of each window's segments, in window time (deployments/belle2/words.py): one
+        encoder and one teacher-forced decoder pass per batch of windows, recording the alignment
+        heads, then DTW per window.
+
+        Returns:
+            Per window, per segment of `segments` (generate's), its words.
+        """
+        torch = self._torch
+        tokenizer = self._processor.tokenizer
+        end_of_text = tokenizer.eos_token_id
+        prefix = tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", "<|zh|>", f"<|{opts.task}|>", "<|notimestamps|>"])
+        texts = [[[t for t in seg["tokens"].tolist() if t < end_of_text] for seg in window] for window in segments]
+        flat = [[t for seg in window for t in seg] for window in texts]
+        ids = torch.full((len(chunks), len(prefix) + max(map(len, flat), default=0) + 1), end_of_text, dtype=torch.long)
+        for row, tokens in enumerate(flat):
+            ids[row, : len(prefix) + len(tokens)] = torch.tensor(prefix + tokens, dtype=torch.long)
+        features = self._processor.feature_extractor(chunks, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+        with torch.inference_mode(), recorded_cross_attention(self._model, self._alignment_heads) as recorded:
+            encoded = self._model.get_encoder()(features.to(self.device, self._dtype)).last_hidden_state
+            hidden = self._model.get_decoder()(input_ids=ids.to(self.device), encoder_hidden_states=encoded, use_cache=False).last_hidden_state
+            log_probs = self._model.proj_out(hidden).float().log_softmax(dim=-1)
+        weights = torch.stack([recorded[(layer, head)] for layer, head in self._alignment_heads], dim=1)
+        decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
+        out = []
+        for row, (chunk, window_texts, tokens) in enumerate(zip(chunks, texts, flat)):
+            first = len(prefix) - 1  # the position that predicts the first text token
+            times = token_times(weights[row, :, first:], len(tokens), chunk.size * FRAMES_PER_SECOND // SAMPLE_RATE) if tokens else []
+            predicted = log_probs[row, first : first + len(tokens)].gather(-1, torch.tensor(tokens, dtype=torch.long, device=log_probs.device)[:, None])
+            probabilities = predicted.squeeze(-1).exp().cpu().numpy() if tokens else []
+            window_words, at = [], 0
+            for seg_tokens in window_texts:
+                span = slice(at, at + len(seg_tokens) + 1)
+                window_words.append(timed_words(seg_tokens, times[span], decode, probabilities[at : at + len(seg_tokens)]) if seg_tokens else [])
+                at += len(seg_tokens)
+            out.append(window_words)
+        return out
+
+    def _place(self, window: Window, raw_segments: list, total_samples: int, words: Optional[List[List[dict]]] = None) -> List[Segment]:
+        """Turns a window's segments into absolute times, clipped to the window; with `words`
+        (per segment, window time), each segment spans its words."""
         offset = window.start / SAMPLE_RATE
         limit = min(window.end, total_samples) / SAMPLE_RATE
         placed = []
-        for raw in raw_segments:
+        for i, raw in enumerate(raw_segments):
             text = self._processor.tokenizer.decode(raw["tokens"], skip_special_tokens=True).strip()
             if not text:
                 continue
             start = min(offset + float(raw["start"]), limit)
             end = min(max(offset + float(raw["end"]), start), limit)
-            placed.append(Segment(start=round(start, 3), end=round(end, 3), text=text))
+            segment = Segment(start=round(start, 3), end=round(end, 3), text=text)
+            if words is not None and words[i]:
+                segment["words"] = [
+                    {**w, "word": w["word"].strip(), "start": round(min(offset + w["start"], limit), 3), "end": round(min(offset + w["end"], limit), 3)}
+                    for w in words[i] if w["word"].strip()
+                ]
+                segment["start"], segment["end"] = segment["words"][0]["start"], segment["words"][-1]["end"]
+            placed.append(segment)
         return placed
+
+
+def _from_speech_onset(placed: List[Segment], window: Window, speech: List[dict]) -> List[Segment]:
+    """A follow-up window's first segment starts where its speech does.
+
+    A follow-up window starts where decoding stopped, often in the pause before the speech it was
+    opened for (it does not start at the VAD's next span: the VAD misses soft speech). Whisper
+    then stamps its first segment at 0.0: a Mandarin sentence's cue began 1.2 s early, in the end
+    of the sentence before. Without word times, the VAD's onset is the better start.
+    """
+    if not placed or placed[0].get("words"):
+        return placed
+    onset = next((int(s["start"]) for s in speech if int(s["end"]) > window.start), None)
+    first = placed[0]
+    if onset is None or onset <= window.start:
+        return placed
+    onset_s = round(onset / SAMPLE_RATE, 3)
+    if first["start"] < onset_s < first["end"]:
+        placed = [Segment({**first, "start": onset_s}), *placed[1:]]
+    return placed
 
 
 def _without_overlaps(segments: List[Segment]) -> List[Segment]:
@@ -257,7 +337,10 @@ def _without_overlaps(segments: List[Segment]) -> List[Segment]:
     out: List[Segment] = []
     for seg in segments:
         if out and seg["start"] < out[-1]["end"]:
-            seg = Segment(start=out[-1]["end"], end=max(seg["end"], out[-1]["end"]), text=seg["text"])
+            start = out[-1]["end"]
+            seg = Segment({**seg, "start": start, "end": max(seg["end"], start)})
+            if seg.get("words"):
+                seg["words"] = [{**w, "start": max(w["start"], start), "end": max(w["end"], start)} for w in seg["words"]]
         out.append(seg)
     return out
 

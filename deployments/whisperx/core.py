@@ -16,10 +16,18 @@ from typing import Dict, List, Optional
 import numpy as np
 from pydantic import Field
 
-from deployments.contract import SAMPLE_RATE, InvalidOptionsError, ModelInfo, ModelSpec, ModelUnavailableError, Segment, TranscribeOptions
+from deployments.contract import SAMPLE_RATE, WORDS_FROM_ALIGNER, WORDS_FROM_CROSS_ATTENTION, InvalidOptionsError, ModelInfo, ModelSpec, ModelUnavailableError, Segment, TranscribeOptions
 from deployments.core import Decoded, DecodeRequest, ModelAppArgs, ModelCore, ct2_whisper, spec_options, stop_if_cancelled, tokenizers_prompt_tokenizer
 from deployments.pinned_decode import PinnedLengthWhisper, counting_window_tokens
-from deployments.whisperx.stages import AlignModelCache, as_segment, asr_options, audio_windows, release_freed_memory, shifted
+from deployments.whisperx.stages import (
+    AlignModelCache,
+    as_segment,
+    asr_options,
+    audio_windows,
+    cross_attention_words,
+    release_freed_memory,
+    shifted,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -130,25 +138,31 @@ class WhisperXCore(ModelCore):
     # -- stages ------------------------------------------------------------------------------
 
     def decode(self, request: DecodeRequest) -> Decoded:
+        from faster_whisper.tokenizer import Tokenizer
+
         audio, opts = request.audio, request.options
         language, probability = self._language(audio, opts)
-        align = opts.word_timestamps
+        word_times = self._word_time_source(language, request.warnings) if opts.word_timestamps else None
         segments: List[Segment] = []
         for start, end in audio_windows(audio, self.args.window_s, self.args.window_cut_search_s):
             stop_if_cancelled()
             piece = audio[start:end]  # a view: windows bound what VAD, ASR and alignment hold at once
             raw_segments = self._asr(piece, opts, language, request.window_tokens)
-            window_segments = [as_segment(s) for s in raw_segments]
-            if align and window_segments:
-                aligned = self._align(raw_segments, piece, language, request.warnings)
-                align = aligned is not None  # one warning per request, not per window
-                window_segments = aligned or window_segments
+            if word_times == WORDS_FROM_ALIGNER and raw_segments:
+                window_segments = self._align(raw_segments, piece, language)
+            elif word_times == WORDS_FROM_CROSS_ATTENTION and raw_segments:
+                tokenizer = Tokenizer(self._model.hf_tokenizer, self._model.model.is_multilingual, task=opts.task, language=language)
+                window_segments = cross_attention_words(
+                    self._model, tokenizer, raw_segments, piece, self.args.batch_size, asr_options(opts, self._model.model.is_multilingual)
+                )
+            else:
+                window_segments = [as_segment(s) for s in raw_segments]
             segments.extend(shifted(s, start / SAMPLE_RATE) for s in window_segments)
             del piece, raw_segments, window_segments
             release_freed_memory()
         if opts.diarize and segments:
             segments = self._diarize(segments, audio, opts)
-        return Decoded(segments=segments, language=language, language_probability=probability)
+        return Decoded(segments=segments, language=language, language_probability=probability, word_times=word_times)
 
     def _language(self, audio: np.ndarray, opts: TranscribeOptions) -> tuple:
         if opts.language:
@@ -193,18 +207,23 @@ class WhisperXCore(ModelCore):
             model_cache_only=self.args.local_files_only,
         )
 
-    def _align(self, raw_segments: list, audio: np.ndarray, language: str, warnings: list) -> Optional[list]:
-        import whisperx
-
+    def _word_time_source(self, language: str, warnings: list) -> str:
+        """wav2vec2 alignment when the language's aligner loads, else Whisper's cross-attention."""
         try:
-            model, metadata = self._align_cache.get(language, self._load_align_model)
+            self._align_cache.get(language, self._load_align_model)
+            return WORDS_FROM_ALIGNER
         except Exception as e:  # offline, or no alignment model for this language
             logger.warning("No alignment model for %r: %s", language, e)
             warnings.append(
-                f"Word timestamps are unavailable for language {language!r}: the alignment model "
-                f"could not be loaded ({type(e).__name__}: {e}). Segment timestamps are kept."
+                f"Word times for language {language!r} come from Whisper's cross-attention, coarser than a "
+                f"wav2vec2 aligner's: that aligner could not be loaded ({type(e).__name__}: {e})."
             )
-            return None
+            return WORDS_FROM_CROSS_ATTENTION
+
+    def _align(self, raw_segments: list, audio: np.ndarray, language: str) -> list:
+        import whisperx
+
+        model, metadata = self._align_cache.get(language, self._load_align_model)
         aligned = whisperx.align(raw_segments, model, metadata, audio, self.device)
         return [as_segment(s) for s in aligned["segments"] if s.get("text", "").strip()]
 

@@ -146,3 +146,51 @@ def shifted(segment: Segment, offset_s: float) -> Segment:
             {**w, **{k: round(w[k] + offset_s, 3) for k in ("start", "end") if k in w}} for w in segment["words"]
         ]
     return out
+
+
+def cross_attention_words(model: Any, tokenizer: Any, segments: list, audio: np.ndarray, batch_size: int, asr: Any) -> list:
+    """Word times from Whisper itself: its alignment heads' cross-attention over each segment's
+    text, through dynamic time warping (faster-whisper's `word_timestamps=True`), for languages
+    without a wav2vec2 aligner (or offline).
+
+    whisperx's batched ASR keeps no tokens or encoder output, so each segment (a VAD chunk of at
+    most 30 s) is encoded again, `batch_size` at a time, and its text re-tokenized.
+
+    Args:
+        model: faster-whisper's `WhisperModel`.
+        tokenizer: faster-whisper's `Tokenizer` for the request's language and task.
+        segments: whisperx's raw segments (`start`, `end`, `text`) in `audio`'s time.
+        asr: The request's `TranscriptionOptions` (its punctuation to merge with words).
+
+    Returns:
+        The segments as `as_segment` builds them, each with `words` (`score`: the tokens' mean
+        probability).
+    """
+    from faster_whisper.audio import pad_or_trim
+    from faster_whisper.transcribe import merge_punctuations
+
+    extractor = model.feature_extractor
+    out = []
+    for first in range(0, len(segments), batch_size):
+        batch = segments[first : first + batch_size]
+        clips = [audio[int(s["start"] * SAMPLE_RATE) : int(s["end"] * SAMPLE_RATE)] for s in batch]
+        features = [extractor(clip) for clip in clips]
+        frames = [min(f.shape[-1], extractor.nb_max_frames) for f in features]
+        encoded = model.encode(np.stack([pad_or_trim(f) for f in features]))
+        tokens = [[t for t in tokenizer.encode(s["text"]) if t < tokenizer.eot] for s in batch]
+        alignments = model.find_alignment(tokenizer, tokens, encoded, frames)
+        for raw, alignment in zip(batch, alignments):
+            merge_punctuations(alignment, asr.prepend_punctuations, asr.append_punctuations)
+            start, end = float(raw["start"]), float(raw["end"])
+            words = [
+                {
+                    "word": timing["word"].strip(),
+                    "start": round(min(max(start + float(timing["start"]), start), end), 3),
+                    "end": round(min(max(start + float(timing["end"]), start), end), 3),
+                    "score": round(float(timing["probability"]), 3),
+                }
+                for timing in alignment
+                if timing["word"].strip()
+            ]
+            out.append(as_segment({**raw, "words": words}))
+    return out
