@@ -156,6 +156,35 @@ def timed_transcribe(core, audio: np.ndarray, s: Settings) -> dict:
     return {"wall_s": wall, "tokens": sum(window_tokens), "windows": len(window_tokens)}
 
 
+def word_times_check(core, audio: np.ndarray, s: Settings) -> dict:
+    """BELLE-2's word times (deployments/belle2/words.py) on the device: the teacher-forced pass
+    with the alignment-head hooks runs in this transformers and dtype, and what it costs.
+
+    Random weights place words at random: only the mechanics are judged (every segment of the
+    first 30 s gets words, in time order, inside the segment)."""
+    clip = audio[: 30 * SAMPLE_RATE]
+    opts = {"beam_size": s.beam_size, "temperature": [0.0]}
+    core.transcribe(clip, {**opts, "word_timestamps": True})  # first use outside the timing
+    walls = {}
+    for name, extra in (("without", {}), ("with", {"word_timestamps": True})):
+        synchronize(s.device)
+        started = time.perf_counter()
+        result = core.transcribe(clip, {**opts, **extra})
+        synchronize(s.device)
+        walls[name] = time.perf_counter() - started
+    segments = result["segments"]
+    ordered = all(
+        seg.get("words") and seg["start"] <= seg["words"][0]["start"]
+        and all(a["start"] <= a["end"] <= b["start"] + 1e-3 for a, b in zip(seg["words"], seg["words"][1:]))
+        and seg["words"][-1]["end"] <= seg["end"] + 1e-3
+        for seg in segments
+    )
+    return {"segments": len(segments), "words": sum(len(seg.get("words", ())) for seg in segments), "source": result.get("word_times"),
+            "wall_without_s": round(walls["without"], 3), "wall_with_s": round(walls["with"], 3),
+            "with_over_without": round(walls["with"] / walls["without"], 3),
+            "passed": bool(segments) and ordered and result.get("word_times") == "whisper-cross-attention"}
+
+
 def peak_memory(device: str, reset: bool = False) -> Dict[str, int]:
     if device != "cuda":
         return {}
@@ -425,6 +454,11 @@ def markdown(report: dict) -> str:
               f"{sc['on_vs_off']['max_abs_logprob_diff']:.4g} over {sc['on_vs_off']['steps_compared']} steps of equal histories "
               f"(batch 1 against batch {sc['windows']}, same code: {sc['rounding_floor']['max_abs_logprob_diff']:.4g}; "
               f"tolerance {sc['tolerance']:.4g})."]
+    wt = report.get("word_times")
+    if wt:
+        lines += ["", f"Word times (alignment heads, teacher-forced pass; first 30 s): **{'passed' if wt['passed'] else 'FAILED'}**, "
+                  f"{wt['words']} words in {wt['segments']} segments; {wt['wall_with_s']} s with against {wt['wall_without_s']} s "
+                  f"without ({wt['with_over_without']} x)."]
     mc = report.get("memory")
     if mc:
         lines += ["", "| process (gpu_memory_fraction 0.5) | alone RTFx | shared RTFx | shared / alone | peak reserved GiB | under its half | past-cap allocation refused |",
@@ -498,6 +532,8 @@ def main(argv=None) -> int:
         report["batches"] = batch_sweep(core, audio, s, report["vad_s"])
         report["shortcuts"] = shortcut_check(core, audio, s)
         print(f"shortcuts: {report['shortcuts']['verdict']}", flush=True)
+        report["word_times"] = word_times_check(core, audio, s)
+        print(f"word times: {report['word_times']}", flush=True)
         del core
         gc.collect()
         if s.device == "cuda":
@@ -510,6 +546,7 @@ def main(argv=None) -> int:
     report["total_s"] = round(time.perf_counter() - started, 1)
     report["passed"] = (
         report["shortcuts"]["passed"]
+        and report["word_times"]["passed"]
         and report.get("memory", {}).get("passed", True)
         and not report["imported_absent_modules"]
         and not any(r.get("imported_absent_modules") for r in report.get("memory", {}).get("processes", {}).values())

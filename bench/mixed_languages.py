@@ -17,7 +17,8 @@ segments whose middle lies in a clip's span against that clip's reference, corpu
 same clips transcribed alone (the goal: within 0.05 of it), the share of segments labelled with
 the language of the clip they lie in, and the share of cues inside their clip's span plus 0.5 s
 (the worst overshoot too). Then single-language recordings: per-stretch routing must cost little
-time and no accuracy (wall time and error, both modes).
+time and no accuracy (wall time and error, both modes). Word times (`timestamp_granularities[]=word`)
+are measured on both kinds of recording, for their cost and for cue times.
 """
 
 from __future__ import annotations
@@ -79,9 +80,12 @@ def serving() -> Iterator[str]:
         yield cluster.url
 
 
-def transcribe(client: httpx.Client, url: str, name: str, data: bytes) -> dict:
+MODES = (("per stretch", "", {}), ("one language", "/one-language", {}), ("per stretch, word times", "", {"timestamp_granularities[]": "word"}))
+
+
+def transcribe(client: httpx.Client, url: str, name: str, data: bytes, **form) -> dict:
     started = time.perf_counter()
-    r = client.post(f"{url}/v1/audio/transcriptions", files={"file": (name, data)}, data={"response_format": "verbose_json"})
+    r = client.post(f"{url}/v1/audio/transcriptions", files={"file": (name, data)}, data={"response_format": "verbose_json", **form})
     r.raise_for_status()
     return {**r.json(), "wall_s": time.perf_counter() - started}
 
@@ -145,8 +149,8 @@ def main(argv=None) -> int:
             seconds = audio.size / 16_000
             base = {"recording": name, "audio_s": round(seconds, 1), "clips": len(clips)}
             rows = [{**base, "mode": "clips alone", **alone(client, url, clips, references, corpus, alone_cache)}]
-            for mode, prefix in (("per stretch", ""), ("one language", "/one-language")):
-                body = transcribe(client, f"{url}{prefix}", f"{name}.wav", upload)
+            for mode, prefix, form in MODES:
+                body = transcribe(client, f"{url}{prefix}", f"{name}.wav", upload, **form)
                 rows.append({**base, "mode": mode, **score(body, clips, references), "rtf": round(seconds / body["wall_s"], 2),
                              "languages": ", ".join(f"{x['language']} {x['share']:.2f}" for x in body.get("languages", []))})
             for row in rows:
@@ -155,17 +159,17 @@ def main(argv=None) -> int:
         for file in SINGLE_LANGUAGE:
             data = (corpus / file).read_bytes()
             language = manifest[file]["language"]
-            for mode, prefix in (("per stretch", ""), ("one language", "/one-language")):
-                body = transcribe(client, f"{url}{prefix}", file, data)
+            for mode, prefix, form in MODES:
+                body = transcribe(client, f"{url}{prefix}", file, data, **form)
                 row = {"recording": file, "mode": mode, "audio_s": manifest[file]["duration_s"], "wall_s": round(body["wall_s"], 2),
                        "rtf": round(manifest[file]["duration_s"] / body["wall_s"], 2), "model": body["model"],
                        "error": error_rate(language, [references[file]], [body["text"]]) if references.get(file) else None,
                        "languages": ", ".join(f"{x['language']} {x['share']:.2f}" for x in body.get("languages", []))}
                 print(row, flush=True)
                 single_rows.append(row)
-    for rows in (single_rows,):
-        for first, second in zip(rows[::2], rows[1::2]):
-            first["time_vs_one_language"] = round(first["wall_s"] / second["wall_s"], 3)
+    for stretch, one, words in zip(single_rows[::3], single_rows[1::3], single_rows[2::3]):
+        stretch["time_vs_one_language"] = round(stretch["wall_s"] / one["wall_s"], 3)
+        words["time_vs_one_language"] = round(words["wall_s"] / one["wall_s"], 3)
     text = "\n\n".join([
         f"Recordings of corpus clips joined with {PAUSE_S} s pauses, transcribed with `model=auto` (verbose_json, subtitle "
         "cues). `per stretch` is the service as deployed; `one language` is an ingress beside it with "

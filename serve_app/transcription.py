@@ -174,7 +174,8 @@ class Transcription:
         opts = self.opts
         language, probability = opts.language, None
         needs_language_id = language is None and await self.router.needs_language_id(requested, opts.task)
-        if needs_language_id and self.excerpts is not None:
+        if needs_language_id and self.excerpts is not None and not self._split_at_all():
+            # (split by language, each piece is heard stretch by stretch: points would add nothing)
             language, probability = await self._listen_at_points()
             needs_language_id = language is None
         async for piece in self.pieces:
@@ -229,7 +230,7 @@ class Transcription:
 
         result = vote(await asyncio.to_thread(listen))
         self.timings["langid"] = time.perf_counter() - started
-        if len(result.heard) > 1 and not self._split_at_all():
+        if len(result.heard) > 1:
             heard = ", ".join(f"{language} at {n}" for language, n in result.heard.items())
             self._early_warnings.append(
                 f"Language ID heard {heard} of {sum(result.heard.values())} points spread over the recording; "

@@ -120,3 +120,11 @@ def test_modules_the_host_lacks_are_reported():
     out = subprocess.run([str(BELLE2_PYTHON), "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
     assert "'av'" in out and "opencc (" in out.lower()
     assert "numpy" not in out and "torch" not in out
+
+
+def test_dry_run_places_words_with_the_alignment_heads(dry_run):
+    _, report, out = dry_run
+    words = report["word_times"]
+    assert words["passed"] is True and words["source"] == "whisper-cross-attention"
+    assert words["segments"] >= 1 and words["words"] >= words["segments"]
+    assert words["wall_with_s"] > 0 and "Word times (alignment heads" in (out / "gpu_check.md").read_text()
