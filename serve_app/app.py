@@ -7,6 +7,7 @@ runtime envs and are reached by name with `serve.get_app_handle`.
 
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import platform
@@ -31,8 +32,8 @@ from deployments.runtime import check_environment
 from serve_app.admission import AdmitTranscriptions, Admission
 from serve_app.audio import AudioReader
 from serve_app.events import sse_stream, stream_events
-from serve_app.pieces import cut_pieces, feed_pieces
-from serve_app.transcription import Transcription
+from serve_app.pieces import Piece, cut_pieces, feed_pieces
+from serve_app.transcription import Transcription, plan_languages
 from serve_app.config import AUTO_NAMES, IngressSettings
 from serve_app.errors import APIError, ErrorResponse, UploadTooLargeError, create_error_response, error_response_for, redact_paths
 from serve_app.formats import render, server_timing
@@ -318,6 +319,21 @@ class TranscriptionIngress:
         excerpt_s = min(30.0, settings.scan_seconds)
         return functools.partial(reader.excerpts, listen_points(length, settings.listen_points, excerpt_s), excerpt_s)
 
+    def _language_plan(self, requested: str, opts: TranscribeOptions, total_s: Optional[float]) -> Optional[Callable[[Piece], Piece]]:
+        """For a request routed by language: each piece's runs of one language, worked out in the
+        piece feed's thread while the model transcribes the piece before (`serve_app/stretches.py`)."""
+        settings = self._settings.language_id
+        if not settings.per_stretch or requested not in AUTO_NAMES or opts.language is not None:
+            return None
+
+        def prepare(piece: Piece) -> Piece:
+            length = total_s if total_s is not None else piece.start_s + piece.duration_s
+            if length < settings.per_stretch_min_seconds:
+                return piece
+            return dataclasses.replace(piece, languages=plan_languages(self._detector, piece))
+
+        return prepare
+
     @asynccontextmanager
     async def _transcription(
         self,
@@ -357,7 +373,7 @@ class TranscriptionIngress:
             piece_seconds=piece_seconds,
             first_piece_seconds=pieces.first_seconds_streaming if streaming else piece_seconds,
             search_seconds=pieces.cut_search_seconds,
-        ))
+        ), prepare=self._language_plan(requested, opts, total_s))
         subtitles = settings.subtitles
         try:
             transcription = Transcription(

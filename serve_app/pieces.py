@@ -15,12 +15,13 @@ import asyncio
 import concurrent.futures
 import threading
 from dataclasses import dataclass
-from typing import AsyncIterator, Iterable, Iterator, List
+from typing import AsyncIterator, Callable, Iterable, Iterator, List, Optional
 
 import numpy as np
 
 from deployments.contract import SAMPLE_RATE
 from deployments.vad import WINDOW_SAMPLES, silero_vad
+from serve_app.stretches import LanguagePlan
 
 QUIET_PROBABILITY = 0.35
 """Silero's speech probability below which a 32 ms window counts as quiet (its default
@@ -32,6 +33,8 @@ class Piece:
     index: int
     start_sample: int
     audio: np.ndarray
+    languages: Optional[LanguagePlan] = None
+    """Its runs of one language, when worked out ahead (`feed_pieces`'s `prepare`)."""
 
     @property
     def start_s(self) -> float:
@@ -95,8 +98,9 @@ def quiet_cut(audio: np.ndarray, lo: int, hi: int) -> int:
 _END = object()
 
 
-async def feed_pieces(pieces: Iterator[Piece], *, ahead: int = 1) -> AsyncIterator[Piece]:
-    """The pieces of `pieces`, decoded and cut in a worker thread up to `ahead` pieces in advance.
+async def feed_pieces(pieces: Iterator[Piece], *, ahead: int = 1, prepare: Optional[Callable[[Piece], Piece]] = None) -> AsyncIterator[Piece]:
+    """The pieces of `pieces`, decoded and cut in a worker thread up to `ahead` pieces in advance,
+    each passed through `prepare` there too (language ID per stretch), if given.
 
     The next piece is decoded while the model transcribes this one. At most `ahead` + 2 pieces
     exist at a time. Closing the generator (use `contextlib.aclosing`) tells the thread to stop
@@ -127,7 +131,7 @@ async def feed_pieces(pieces: Iterator[Piece], *, ahead: int = 1) -> AsyncIterat
     def produce() -> None:
         try:
             for piece in pieces:
-                if stop.is_set() or not put(piece):
+                if stop.is_set() or not put(prepare(piece) if prepare is not None else piece):
                     return
             item = _END
         except BaseException as e:  # handed to the consumer, which raises it

@@ -50,6 +50,16 @@ class LanguageRun:
     """Samples of speech in the run (its stretches' lengths)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class LanguagePlan:
+    """A piece's runs, worked out in the piece feed's thread while the model transcribes the piece
+    before (`feed_pieces(prepare=...)`), so that a long recording does not wait for them."""
+
+    runs: List[LanguageRun]
+    seconds: float
+    """Time it took (VAD and language ID)."""
+
+
 def stretch_vad(min_silence_ms: int) -> VadOptions:
     """What separates two stretches: a pause of `min_silence_ms` (the speech gate's threshold)."""
     return VadOptions(threshold=0.5, min_speech_duration_ms=250, min_silence_duration_ms=min_silence_ms, speech_pad_ms=100)

@@ -26,7 +26,7 @@ from serve_app.errors import redact_paths
 from serve_app.langid import DetectedLanguage, LanguageDetector, vote
 from serve_app.pieces import Piece
 from serve_app.routing import AUTO, ModelRouter, RoutedResult
-from serve_app.stretches import LanguageRun
+from serve_app.stretches import LanguagePlan, LanguageRun
 from serve_app.speech import contains_speech, no_speech_warning
 from serve_app.subtitles import compliant_share, subtitle_segments
 
@@ -269,7 +269,7 @@ class Transcription:
                 else:
                     yield PieceDone([], "", done.duration_s, self.total_s, None)
                 piece = await anext(self.pieces, None)
-            self.timings["model"] = time.perf_counter() - started - self.timings.get("langid_stretches", 0.0)
+            self.timings["model"] = time.perf_counter() - started
         yield self._finished(done)
 
     async def _runs(self, piece: Piece, done: _Done) -> List[_Run]:
@@ -277,9 +277,9 @@ class Transcription:
         whole = [_Run(0, piece.audio.size, self._last_route)]
         if not self._splits(piece):
             return whole
-        started = time.perf_counter()
-        runs: List[LanguageRun] = await asyncio.to_thread(self.detector.runs, piece.audio)
-        self.timings["langid_stretches"] = self.timings.get("langid_stretches", 0.0) + time.perf_counter() - started
+        plan = piece.languages or await asyncio.to_thread(plan_languages, self.detector, piece)
+        runs: List[LanguageRun] = plan.runs
+        self.timings["langid_stretches"] = self.timings.get("langid_stretches", 0.0) + plan.seconds
         for run in runs:
             done.hear(run.language, run.speech_samples / SAMPLE_RATE, run.probability, piece.start_s + run.start / SAMPLE_RATE)
         if not self._split_at_all():
@@ -428,6 +428,13 @@ class Transcription:
             if isinstance(event, Finished):
                 return event
         raise RuntimeError("A transcription ended without a result.")
+
+
+def plan_languages(detector: LanguageDetector, piece: Piece) -> LanguagePlan:
+    """`piece`'s runs of one language (in a worker thread: VAD and language ID take a while)."""
+    started = time.perf_counter()
+    runs = detector.runs(piece.audio)
+    return LanguagePlan(runs, time.perf_counter() - started)
 
 
 def _shifted(segments: List[dict], offset_s: float) -> List[dict]:

@@ -228,6 +228,35 @@ def test_closing_a_reader_while_a_thread_decodes_it_ends_the_read_not_the_proces
     assert float(decoded_s) < 600  # it stopped on the close, not at the end of the recording
 
 
+def test_each_piece_is_prepared_in_the_feeds_thread_ahead_of_the_consumer():
+    # Language ID per stretch is worked out there while the model transcribes the piece before.
+    import dataclasses
+    import threading
+
+    from serve_app.stretches import LanguagePlan
+
+    prepared = []
+
+    def prepare(piece):
+        prepared.append((piece.index, threading.current_thread().name))
+        return dataclasses.replace(piece, languages=LanguagePlan([], 0.1))
+
+    async def main():
+        reader = AudioReader(ZH_70S.read_bytes(), max_seconds=LIMIT_S)
+        feed = feed_pieces(cut_pieces(reader.blocks(), piece_seconds=20, first_piece_seconds=20, search_seconds=4), prepare=prepare)
+        async with aclosing(feed):
+            first = await anext(feed)
+            await asyncio.sleep(1.0)  # the consumer busy with the first piece
+            ahead = len(prepared)
+            rest = [p async for p in feed]
+        return first, ahead, rest
+
+    first, ahead, rest = asyncio.run(main())
+    assert ahead >= 2  # the next piece was prepared while the first was in use
+    assert [p.languages for p in [first, *rest]] == [LanguagePlan([], 0.1)] * (1 + len(rest)) and len(rest) >= 2
+    assert {name for _, name in prepared} == {"klipnote-pieces"}
+
+
 def test_errors_while_decoding_reach_the_consumer():
     async def main():
         damaged = bytearray(ZH_70S.read_bytes())
