@@ -48,6 +48,8 @@ class LanguageRun:
     """The stretches' confidence, weighted by their length."""
     speech_samples: int
     """Samples of speech in the run (its stretches' lengths)."""
+    speech: Tuple[Tuple[int, int], ...] = ()
+    """Its stretches, (start, end) samples of the piece: where cues without word times go."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +97,7 @@ def language_runs(stretches: List[Stretch], total_samples: int, *, threshold: fl
     groups = _grouped(stretches, [s.language for s in stretches])
     sure = [g[0].language is not None and _speech(g) >= min_sure_samples and _confidence(g, g[0].language) >= threshold for g in groups]
     if not any(sure):
-        return [LanguageRun(0, total_samples, None, round(_weighted_vote(stretches)[1], 3), _speech(stretches))]
+        return [LanguageRun(0, total_samples, None, round(_weighted_vote(stretches)[1], 3), _speech(stretches), _spans(stretches))]
     first_sure = groups[sure.index(True)][0].language
     labels: List[Optional[str]] = []
     for group, is_sure in zip(groups, sure):
@@ -107,7 +109,7 @@ def language_runs(stretches: List[Stretch], total_samples: int, *, threshold: fl
         after = stretches.index(group[-1]) + 1
         start = runs[-1].end if runs else 0
         end = (group[-1].end + stretches[after].start) // 2 if after < len(stretches) else total_samples
-        runs.append(LanguageRun(start, end, label, round(_confidence(group, label), 3), _speech(group)))
+        runs.append(LanguageRun(start, end, label, round(_confidence(group, label), 3), _speech(group), _spans(group)))
     return runs
 
 
@@ -120,6 +122,10 @@ def _grouped(stretches: List[Stretch], labels: List[Optional[str]]) -> List[List
         else:
             groups.append([stretch])
     return groups
+
+
+def _spans(stretches: List[Stretch]) -> Tuple[Tuple[int, int], ...]:
+    return tuple((s.start, s.end) for s in stretches)
 
 
 def _speech(stretches: List[Stretch]) -> int:

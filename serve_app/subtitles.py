@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from serve_app.config import SubtitleSettings
 
@@ -89,13 +89,21 @@ def compliant_share(segments: Sequence[dict], settings: SubtitleSettings) -> Opt
     return sum(is_compliant(s, settings) for s in segments) / len(segments)
 
 
-def subtitle_segments(segments: Sequence[dict], settings: SubtitleSettings, *, duration: Optional[float] = None) -> List[dict]:
+def subtitle_segments(
+    segments: Sequence[dict],
+    settings: SubtitleSettings,
+    *,
+    duration: Optional[float] = None,
+    speech: Optional[Sequence[Tuple[float, float]]] = None,
+) -> List[dict]:
     """Splits and merges model segments into subtitle-ready ones.
 
     Args:
         segments: The model's segments (`start`, `end`, `text`, optional `words`, `speaker`).
         settings: The limits.
         duration: The audio's length; short cues are never extended past it.
+        speech: Where the audio holds speech ((start, end) seconds, in order), when known:
+            words without times are placed in it, not in the pauses.
 
     Returns:
         New segments with `start`, `end`, `text`, and `words` / `speaker` where the input had them.
@@ -104,7 +112,7 @@ def subtitle_segments(segments: Sequence[dict], settings: SubtitleSettings, *, d
     for seg in segments:
         if not seg.get("text", "").strip():
             continue
-        units = timed_units(seg)
+        units = timed_units(seg, speech)
         has_words = bool(seg.get("words"))
         for piece in split_units(units, settings):
             cues.append(Cue(piece, speaker=seg.get("speaker"), has_words=has_words))
@@ -117,12 +125,13 @@ def subtitle_segments(segments: Sequence[dict], settings: SubtitleSettings, *, d
 # -- stage 1: units with times ---------------------------------------------------------------
 
 
-def timed_units(segment: dict) -> List[Unit]:
-    """The segment's units with start/end times (aligned words, else character share)."""
+def timed_units(segment: dict, speech: Optional[Sequence[Tuple[float, float]]] = None) -> List[Unit]:
+    """The segment's units with start/end times (aligned words, else character share of the
+    segment's speech, or of its time when `speech` is not known)."""
     start, end, text = float(segment["start"]), float(segment["end"]), segment["text"]
     words = [w for w in segment.get("words") or () if str(w.get("word", "")).strip()]
     units = _word_units(text, words) if words else _text_units(text)
-    _fill_times(units, start, max(end, start))
+    _fill_times(units, start, max(end, start), speech)
     return units
 
 
@@ -163,8 +172,13 @@ def _weight(unit: Unit) -> int:
     return max(len(unit.text.strip()), 1)
 
 
-def _fill_times(units: List[Unit], start: float, end: float) -> None:
-    """Gives untimed units times by character share between their timed neighbours."""
+def _fill_times(units: List[Unit], start: float, end: float, speech: Optional[Sequence[Tuple[float, float]]] = None) -> None:
+    """Gives untimed units times by character share between their timed neighbours: of the
+    speech between them where it is known, else of the time.
+
+    A WhisperX segment holds up to 30 s of speech with its pauses; shared out by time, the
+    sentence after a pause started seconds early, inside the pause (bench/mixed_languages.py).
+    """
     i = 0
     while i < len(units):
         if units[i].start is not None and units[i].end is not None:
@@ -178,12 +192,35 @@ def _fill_times(units: List[Unit], start: float, end: float) -> None:
         if right < left:
             right = left
         total = sum(_weight(u) for u in units[i:j])
-        t = left
+        clock = _SpeechClock(left, right, speech)
+        done = 0.0
         for u in units[i:j]:
-            span = (right - left) * _weight(u) / total
-            u.start, u.end = t, t + span
-            t += span
+            u.start = clock.at(done / total, starting=True)
+            done += _weight(u)
+            u.end = clock.at(done / total)
         i = j
+
+
+class _SpeechClock:
+    """Maps a share of the speech between `left` and `right` to a time (linear without speech)."""
+
+    def __init__(self, left: float, right: float, speech: Optional[Sequence[Tuple[float, float]]]):
+        self.left, self.right = left, right
+        self.spans = [(max(a, left), min(b, right)) for a, b in speech or () if b > left and a < right]
+        self.total = sum(b - a for a, b in self.spans)
+        if self.total < 0.1 * (right - left):  # the VAD heard (almost) nothing here: keep time shares
+            self.spans, self.total = [], 0.0
+
+    def at(self, share: float, *, starting: bool = False) -> float:
+        """The time at `share` of the speech; a unit `starting` at the end of a span starts at the next."""
+        if not self.spans:
+            return self.left + (self.right - self.left) * share
+        wanted = self.total * min(max(share, 0.0), 1.0)
+        for k, (a, b) in enumerate(self.spans):
+            if wanted < b - a or (wanted <= b - a and (not starting or k == len(self.spans) - 1)):
+                return a + wanted
+            wanted -= b - a
+        return self.spans[-1][1]
 
 
 def _unspaced(char: str) -> bool:

@@ -79,6 +79,8 @@ class _Run:
     route: _Route
     speech_s: Optional[float] = None
     """Seconds of speech language ID heard in it; None when the piece was not split."""
+    speech: Tuple[Tuple[float, float], ...] = ()
+    """Its stretches of speech, seconds from the run's start (known when the piece was split)."""
 
 
 @dataclass
@@ -188,7 +190,8 @@ class Transcription:
             self._no_speech_model = model
             return
         if needs_language_id:
-            detected = await self._detect(self._first.audio)
+            # The first piece's runs (worked out ahead) already say what its speech is in.
+            detected = _most_heard(self._first.languages) or await self._detect(self._first.audio)
             language, probability = detected.language, detected.probability
         self._route = await self._route_for(language, probability)
         logger.info("Routing to %s (%s).", self._route.model, self._route.reason)
@@ -290,7 +293,8 @@ class Transcription:
             # Speech heard with no confidence goes on as the speech before it.
             route = await self._route_for(run.language, run.probability) if sure else self._last_route
             self._last_route = route
-            out.append(_Run(run.start, run.end, route, run.speech_samples / SAMPLE_RATE))
+            speech = tuple(((a - run.start) / SAMPLE_RATE, (b - run.start) / SAMPLE_RATE) for a, b in run.speech)
+            out.append(_Run(run.start, run.end, route, run.speech_samples / SAMPLE_RATE, speech))
         return out
 
     async def _transcribe_piece(self, piece: Piece, done: _Done) -> PieceDone:
@@ -349,7 +353,7 @@ class Transcription:
             done.hear(language, duration_s, probability, start_s, stretches=0)
         segments = result["segments"]
         if self.as_subtitles:
-            segments = subtitle_segments(segments, self.settings.subtitles, duration=duration_s)
+            segments = subtitle_segments(segments, self.settings.subtitles, duration=duration_s, speech=run.speech or None)
         return [{**seg, "language": language, "model": routed.model} for seg in _shifted(segments, start_s)]
 
     def _check_heard(self, language: Optional[str], seconds: float, probability: Optional[float], first_s: float, stretches: int = 1) -> Optional[str]:
@@ -428,6 +432,15 @@ class Transcription:
             if isinstance(event, Finished):
                 return event
         raise RuntimeError("A transcription ended without a result.")
+
+
+def _most_heard(plan: Optional[LanguagePlan]) -> Optional[DetectedLanguage]:
+    """The language of most of a piece's speech, among the runs heard with confidence."""
+    heard = [run for run in plan.runs if run.language is not None] if plan is not None else []
+    if not heard:
+        return None
+    run = max(heard, key=lambda r: r.speech_samples)
+    return DetectedLanguage(run.language, run.probability)
 
 
 def plan_languages(detector: LanguageDetector, piece: Piece) -> LanguagePlan:

@@ -154,3 +154,16 @@ def test_invalid_settings_name_the_value(kwargs):
     with pytest.raises(pydantic.ValidationError) as e:
         SubtitleSettings(**kwargs)
     assert any(str(v) in str(e.value) for v in kwargs.values())
+
+
+def test_words_without_times_are_placed_in_the_speech_not_in_the_pauses():
+    # A WhisperX segment of 20 s: a sentence, 10 s of silence, a sentence of the same length.
+    segment = {"start": 0.0, "end": 20.0, "text": "The first one is here. The other one is here."}
+    settings = SubtitleSettings(max_seconds=12, extend_short=False)
+    by_time = subtitle_segments([segment], settings)
+    by_speech = subtitle_segments([segment], settings, speech=[(0.0, 5.0), (15.0, 20.0)])
+    assert [c["text"] for c in by_speech] == [c["text"] for c in by_time] == ["The first one is here.", "The other one is here."]
+    assert by_time[1]["start"] == pytest.approx(10.0)  # shared out by time: inside the pause
+    assert by_speech[0]["end"] == pytest.approx(5.0) and by_speech[1]["start"] == pytest.approx(15.0)
+    # speech the VAD barely heard keeps the time shares
+    assert subtitle_segments([segment], settings, speech=[(3.0, 4.0)]) == by_time
