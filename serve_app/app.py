@@ -328,7 +328,8 @@ class TranscriptionIngress:
 
         def prepare(piece: Piece) -> Piece:
             length = total_s if total_s is not None else piece.start_s + piece.duration_s
-            if length < settings.per_stretch_min_seconds:
+            # The first piece goes at once: it is heard while the model starts on it (Transcription).
+            if piece.index == 0 or length < settings.per_stretch_min_seconds:
                 return piece
             return dataclasses.replace(piece, languages=plan_languages(self._detector, piece))
 

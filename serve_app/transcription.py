@@ -26,7 +26,7 @@ from serve_app.errors import redact_paths
 from serve_app.langid import DetectedLanguage, LanguageDetector, vote
 from serve_app.pieces import Piece
 from serve_app.routing import AUTO, ModelRouter, RoutedResult
-from serve_app.stretches import LanguagePlan, LanguageRun
+from serve_app.stretches import LanguagePlan
 from serve_app.speech import contains_speech, no_speech_warning
 from serve_app.subtitles import compliant_share, subtitle_segments
 
@@ -275,23 +275,49 @@ class Transcription:
             self.timings["model"] = time.perf_counter() - started
         yield self._finished(done)
 
-    async def _runs(self, piece: Piece, done: _Done) -> List[_Run]:
-        """The model calls `piece` takes: one, or one per run of a language when it is split."""
+    async def _runs(self, piece: Piece, done: _Done) -> Tuple[List[_Run], Optional[RoutedResult]]:
+        """The model calls `piece` takes: one, or one per run of a language when it is split.
+
+        Returns:
+            The runs, and the result of the whole piece when it was already transcribed (a first
+            piece, heard while the model worked on it as routed at the start).
+        """
         whole = [_Run(0, piece.audio.size, self._last_route)]
         if not self._splits(piece):
-            return whole
+            return whole, None
+        if piece.languages is None and self._split_at_all():
+            return await self._runs_while_transcribing(piece, done, whole)
         plan = piece.languages or await asyncio.to_thread(plan_languages, self.detector, piece)
-        runs: List[LanguageRun] = plan.runs
+        runs = await self._routed_runs(plan, piece, done)
+        return (runs if self._split_at_all() else whole), None
+
+    async def _runs_while_transcribing(self, piece: Piece, done: _Done, whole: List[_Run]) -> Tuple[List[_Run], Optional[RoutedResult]]:
+        """The first piece: the feed hands it over before hearing its stretches, so that the
+        model starts at once on the whole piece, as routed at the start; that result stands
+        when the piece turns out to be one run of that route (most recordings), and is called
+        off when it holds other languages."""
+        call = asyncio.ensure_future(self._transcribe_run(piece.audio, self._last_route))
+        try:
+            plan = await asyncio.to_thread(plan_languages, self.detector, piece)
+            runs = await self._routed_runs(plan, piece, done)
+            if len(runs) == 1 and _same_call(runs[0].route, whole[0].route):
+                return runs, await call
+        finally:
+            if not call.done():
+                call.cancel()  # the model stops at its next batch
+            call.add_done_callback(_retrieved)
+        return runs, None
+
+    async def _routed_runs(self, plan: LanguagePlan, piece: Piece, done: _Done) -> List[_Run]:
+        """Each run of `plan` with the route of its language (heard languages counted in `done`)."""
         self.timings["langid_stretches"] = self.timings.get("langid_stretches", 0.0) + plan.seconds
-        for run in runs:
+        for run in plan.runs:
             done.hear(run.language, run.speech_samples / SAMPLE_RATE, run.probability, piece.start_s + run.start / SAMPLE_RATE)
-        if not self._split_at_all():
-            return whole
         out: List[_Run] = []
-        for run in runs:
+        for run in plan.runs:
             sure = run.language is not None and run.probability >= self.settings.language_id.threshold
             # Speech heard with no confidence goes on as the speech before it.
-            route = await self._route_for(run.language, run.probability) if sure else self._last_route
+            route = await self._route_for(run.language, run.probability) if sure and self._split_at_all() else self._last_route
             self._last_route = route
             speech = tuple(((a - run.start) / SAMPLE_RATE, (b - run.start) / SAMPLE_RATE) for a, b in run.speech)
             out.append(_Run(run.start, run.end, route, run.speech_samples / SAMPLE_RATE, speech))
@@ -299,19 +325,18 @@ class Transcription:
 
     async def _transcribe_piece(self, piece: Piece, done: _Done) -> PieceDone:
         """`piece` through the model of each of its runs; the models in parallel, each run in order."""
-        runs = await self._runs(piece, done)
-        results: List[Optional[RoutedResult]] = [None] * len(runs)
+        runs, whole = await self._runs(piece, done)
+        results: List[Optional[RoutedResult]] = [whole] if whole is not None else [None] * len(runs)
         by_model: Dict[str, List[int]] = {}
         for i, run in enumerate(runs):
-            by_model.setdefault(run.route.model, []).append(i)
+            if results[i] is None:
+                by_model.setdefault(run.route.model, []).append(i)
 
         async def serve(indices: List[int]) -> None:
             for i in indices:
                 results[i] = await self._transcribe_run(piece.audio[runs[i].start : runs[i].end], runs[i].route)
 
-        async with asyncio.TaskGroup() as group:
-            for indices in by_model.values():
-                group.create_task(serve(indices))
+        await _all([serve(indices) for indices in by_model.values()])
         segments: List[dict] = []
         delta = ""
         for run, routed in zip(runs, results):
@@ -432,6 +457,32 @@ class Transcription:
             if isinstance(event, Finished):
                 return event
         raise RuntimeError("A transcription ended without a result.")
+
+
+def _same_call(route: _Route, other: _Route) -> bool:
+    return route.model == other.model and route.opts == other.opts
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    """Reads a dropped call's outcome, so that asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def _all(calls: List) -> None:
+    """Awaits `calls` together; the first failure is raised as it is (not as a group, which the
+    error mapping would not know) and the others are cancelled."""
+    if len(calls) == 1:
+        await calls[0]
+        return
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+            task.add_done_callback(_retrieved)
 
 
 def _most_heard(plan: Optional[LanguagePlan]) -> Optional[DetectedLanguage]:
