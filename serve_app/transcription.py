@@ -105,8 +105,8 @@ class _Done:
     text: str = ""
     last_language: Optional[str] = None
     """The language of the text's end (what separates the next text from it)."""
-    served_s: Dict[str, float] = field(default_factory=dict)
-    """Seconds of the recording each model served."""
+    served_by: Optional[str] = None
+    """The model that served first (the result's `model`; each segment names its own)."""
     results: Dict[str, dict] = field(default_factory=dict)
     """Each model's first result (its model info, language, probability)."""
     heard: Dict[str, _Heard] = field(default_factory=dict)
@@ -367,7 +367,7 @@ class Transcription:
         result = routed.result
         for warning in [*warnings, *result.get("warnings", ())]:
             done.warn(warning)
-        done.served_s[routed.model] = done.served_s.get(routed.model, 0.0) + duration_s
+        done.served_by = done.served_by or routed.model
         done.results.setdefault(routed.model, result)
         language = _language_of(routed, run)
         source = {"model": routed.model, "language": language, "source": result.get("word_times")}
@@ -403,7 +403,7 @@ class Transcription:
                 if warning:
                     done.warn(warning)
         warnings = done.warnings + self.late_warnings()
-        model = max(done.served_s, key=done.served_s.get) if done.served_s else self._route.model
+        model = done.served_by or self._route.model
         result = done.results.get(model, {})
         model_info = result.get("model", {})
         languages = _shares(done.heard)

@@ -46,6 +46,28 @@ def heads_equal(core: Belle2Core) -> bool:
     return all(torch.allclose(recorded[(layer, head)], out.cross_attentions[layer][:, head], atol=1e-5) for layer, head in heads)
 
 
+def other_threads_ignored(core: Belle2Core) -> bool:
+    """A forward pass in another thread (another request's decode) records nothing."""
+    import threading
+
+    import torch
+
+    features = core._processor.feature_extractor([load_clip(CLIPS[0])], sampling_rate=16_000, return_tensors="pt").input_features
+    tokens = core._processor.tokenizer("<|startoftranscript|><|zh|><|transcribe|><|notimestamps|>广州", add_special_tokens=False, return_tensors="pt").input_ids
+
+    def forward():
+        with torch.inference_mode():
+            core._model(input_features=features, decoder_input_ids=tokens, use_cache=False)
+
+    with recorded_cross_attention(core._model, core._alignment_heads) as recorded:
+        thread = threading.Thread(target=forward)
+        thread.start()
+        thread.join()
+        ignored = not recorded
+        forward()
+        return ignored and len(recorded) == len(core._alignment_heads)
+
+
 def dtw_equal() -> bool:
     import numpy as np
     from transformers.models.whisper.generation_whisper import _dynamic_time_warping
@@ -65,7 +87,7 @@ def main() -> dict:
     for clip in CLIPS:
         result = core.transcribe(load_clip(clip), {"word_timestamps": True})
         words[clip] = {"segments": result["segments"], "word_times": result["word_times"]}
-    return {"heads_equal": heads_equal(core), "dtw_equal": dtw_equal(), "words": words,
+    return {"heads_equal": heads_equal(core), "dtw_equal": dtw_equal(), "other_threads_ignored": other_threads_ignored(core), "words": words,
             "spec_options": sorted(core.model_spec().options)}
 
 

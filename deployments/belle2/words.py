@@ -57,8 +57,15 @@ def recorded_cross_attention(model: Any, heads: Sequence[Sequence[int]]) -> Iter
     The weights are computed from the layer's own projections, as its attention does (softmax of
     scaled query-key products); tests/belle2_words_probe.py checks them against transformers'
     eager attention, so a change of the attention module fails a test rather than the times.
+    Only this thread's passes are recorded: a replica decodes several requests at once on one
+    model, and another request's beam steps went into the dict (a shape mismatch, and a failed
+    request) before the hooks looked at the thread.
     """
+    import threading
+
     import torch
+
+    owner = threading.get_ident()
 
     by_layer: Dict[int, List[int]] = {}
     for layer, head in heads:
@@ -68,6 +75,8 @@ def recorded_cross_attention(model: Any, heads: Sequence[Sequence[int]]) -> Iter
 
     def hook_for(layer: int, wanted: List[int]):
         def hook(module, args, kwargs, output):
+            if threading.get_ident() != owner:
+                return
             hidden = args[0] if args else kwargs["hidden_states"]
             keys_from = kwargs.get("key_value_states")
             batch, tokens, _ = hidden.shape
