@@ -104,9 +104,10 @@ def language_runs(stretches: List[Stretch], total_samples: int, *, threshold: fl
         label = group[0].language if is_sure else (labels[-1] if labels else first_sure)
         labels += [label] * len(group)
     runs: List[LanguageRun] = []
+    after = 0
     for group in _grouped(stretches, labels):
-        label = labels[stretches.index(group[0])]
-        after = stretches.index(group[-1]) + 1
+        label = labels[after]
+        after += len(group)
         start = runs[-1].end if runs else 0
         end = (group[-1].end + stretches[after].start) // 2 if after < len(stretches) else total_samples
         runs.append(LanguageRun(start, end, label, round(_confidence(group, label), 3), _speech(group), _spans(group)))
