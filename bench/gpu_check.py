@@ -472,6 +472,10 @@ def markdown(report: dict) -> str:
     lines += ["", f"Model built in {report['model']['build_s']} s, loaded in {report['load_s']} s; "
               f"VAD of the workload {report['vad_s']} s; the whole check {report['total_s']} s. "
               f"Self-check at start: {report['start_warnings'] or 'passed'}."]
+    largest = report.get("largest_batch")
+    if largest:
+        lines += [f"Largest batch at start ({largest['batch_size']} windows x beam {largest['max_beam_size']}, decoded to the "
+                  f"length limit): peak {largest['peak_gib']} GiB, share {largest['share']} of the card."]
     return "\n".join(lines) + "\n"
 
 
@@ -522,6 +526,9 @@ def main(argv=None) -> int:
         core = load_core(model_dir, s, batch_size=max(s.batches))
         report["load_s"] = round(time.perf_counter() - t, 1)
         report["start_warnings"] = core.start_warnings
+        # the start-up check of the largest batch against the replica's GPU share (ModelCore.check_largest_batch)
+        report["largest_batch"] = {"batch_size": core.args.batch_size, "max_beam_size": core.args.max_beam_size,
+                                   "peak_gib": round(getattr(core, "largest_batch_bytes", 0) / 2**30, 2), "share": core.gpu_share}
         audio = workload(args.bundle, s.workload_repeat)
         from deployments.vad import speech_timestamps
 

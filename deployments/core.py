@@ -19,6 +19,7 @@ or Serve (bench/, the GPU check); `deployments/replica.py` puts a core behind Se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import importlib.metadata
@@ -33,10 +34,12 @@ from typing import Any, ClassVar, List, Mapping, Optional, Tuple, Type, Union
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
+from deployments.batching import BatchWithdrawn, CrossRequestBatcher
 from deployments.contract import (
     SAMPLE_RATE,
     EnvInfo,
     InvalidAudioError,
+    InvalidOptionsError,
     ModelInfo,
     ModelSpec,
     ModelUnavailableError,
@@ -78,6 +81,16 @@ class ModelAppArgs(BaseModel):
         if v not in ("auto", "cpu", "cuda"):
             raise ValueError(f"Got {v!r} for device; expected 'auto', 'cpu' or 'cuda'.")
         return v
+
+
+class BatchedModelArgs(ModelAppArgs):
+    """Settings of a model app that decodes windows of concurrent requests together
+    (`deployments/batching.py`)."""
+
+    batch_size: int = Field(8, ge=1, description="Most windows (of up to 30 s) decoded in one model call, from one request or several; bounds the memory of a call (checked at start-up against the GPU share where there is a GPU).")
+    batch_wait_ms: float = Field(20.0, ge=0, le=1000, description="How long the oldest waiting window may wait for windows of other requests to join its batch; only while another request is still preparing its windows.")
+    batch_across_requests: bool = Field(True, description="Decode windows of concurrent requests together; off, each request's windows are batched only with its own (bench/concurrency.py compares both).")
+    max_beam_size: int = Field(8, ge=1, description="Largest beam_size a request may ask for: a call decodes batch_size x beam rows, so this and batch_size bound its memory.")
 
 
 @dataclasses.dataclass
@@ -124,14 +137,18 @@ class ModelCore:
     packages: ClassVar[Tuple[str, ...]] = ()
     """Distributions whose versions `info()` reports."""
 
+    batcher: Optional[CrossRequestBatcher] = None
+    """Set in `load` by a plug-in that batches windows across requests (`batched`)."""
+
     def __init__(self, args: Union[ModelAppArgs, Mapping[str, Any], None] = None, *, gpu_fraction: Optional[float] = None):
         self.args = args if isinstance(args, self.Args) else self.Args.model_validate(dict(args or {}))
         self.start_warnings: List[str] = []
         configure_offline(self.args.model_cache)
         started = time.perf_counter()
         self.device = resolve_device(self.args.device)
+        self.gpu_share = self.args.gpu_memory_fraction or gpu_fraction or 1.0
         if self.device == "cuda":
-            cap_torch_gpu_memory(self.args.gpu_memory_fraction or gpu_fraction or 1.0)
+            cap_torch_gpu_memory(self.gpu_share)
         try:
             self.load()
         except ModelUnavailableError:
@@ -151,6 +168,8 @@ class ModelCore:
             logger.info("Warm-up took %.2f s.", time.perf_counter() - started)
         except Exception:  # a failed warm-up costs latency on the first request, nothing else
             logger.exception("Warm-up failed.")
+        if self.device == "cuda" and self.batcher is not None:
+            self.check_largest_batch()
 
     # -- what a plug-in implements ---------------------------------------------------------------
 
@@ -176,6 +195,12 @@ class ModelCore:
         """(encode: text -> token ids, decode: token ids -> text) of the model's tokenizer, so
         that `prepare` can cut a prompt longer than the decoder takes; None: no cutting."""
         return None
+
+    def run_largest_batch(self) -> int:
+        """Runs the largest model call requests can cause (`batch_size` windows of 30 s at
+        `max_beam_size`, decoded to the longest length) and returns the GPU bytes it took at its
+        peak, as this plug-in's allocator counts them. Only called on a GPU."""
+        raise NotImplementedError
 
     def decode_threads(self) -> int:
         """CPU threads each decoding thread runs on (0: the library's default)."""
@@ -204,8 +229,36 @@ class ModelCore:
         """
         request = self.prepare(audio, options)
         set_torch_threads(self.decode_threads())  # worker threads start from OMP_NUM_THREADS
-        decoded = self.decode(request)
+        with self.batcher.joined() if self.batcher is not None else contextlib.nullcontext():
+            decoded = self.decode(request)
         return self.envelope(request, decoded)
+
+    def batched(self, run: Any, *, name: Optional[str] = None) -> CrossRequestBatcher:
+        """A batcher for this core's model calls, sized by `batch_size` and `batch_wait_ms`;
+        `run(key, items)` runs in its thread, with this core's decoding threads."""
+        threads = self.decode_threads()
+        return CrossRequestBatcher(
+            run,
+            max_batch_size=self.args.batch_size,
+            max_wait_ms=self.args.batch_wait_ms,
+            name=name or self.spec.name,
+            thread_setup=lambda: set_torch_threads(threads),
+        )
+
+    def decode_together(self, key: Any, items: List[Any]) -> List[Any]:
+        """`items` decoded by `self.batcher`, with other requests' items of the same `key`.
+
+        Raises:
+            TranscriptionCancelled: This request was cancelled before a batch took its items.
+        """
+        stop_if_cancelled()
+        if not self.args.batch_across_requests:
+            key = (threading.get_ident(), key)  # this request's thread: no other request shares it
+        stop = _STOP.get()
+        try:
+            return self.batcher.submit(key, items, should_stop=stop.is_set if stop is not None else None)
+        except BatchWithdrawn:
+            raise TranscriptionCancelled() from None
 
     def prepare(self, audio: np.ndarray, options: Optional[Mapping[str, Any]]) -> DecodeRequest:
         """Checks audio and options.
@@ -222,6 +275,11 @@ class ModelCore:
         refused = unhonoured_options(self.model_spec(), opts)
         if refused:
             raise UnsupportedOptionError(describe_unhonoured(refused, opts), option=refused[0].option)
+        max_beam = getattr(self.args, "max_beam_size", None)
+        if max_beam is not None and opts.beam_size > max_beam:
+            raise InvalidOptionsError(
+                f"Got beam_size={opts.beam_size}; this model app takes at most {max_beam} (max_beam_size)."
+            )
         self.check_options(opts)
         warnings: List[str] = []
         tokenizer = self.prompt_tokenizer() if opts.initial_prompt else None
@@ -249,6 +307,34 @@ class ModelCore:
             model=model_info,
             word_times=decoded.word_times,
         )
+
+    def check_largest_batch(self) -> None:
+        """Refuses to start a replica whose largest batch does not fit its GPU share.
+
+        Ray's fractional GPUs only place replicas; torch's cap makes a BELLE-2 batch over the
+        share fail, and CTranslate2 (WhisperX) is not capped at all. So the largest call a mix of
+        requests can make is run once, at start-up, and measured against the share: a replica
+        that passes cannot be pushed over it by batching later.
+
+        Raises:
+            ModelUnavailableError: It did not fit; the message names the settings to lower.
+        """
+        import torch
+
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        what = f"batch_size {self.args.batch_size} x max_beam_size {self.args.max_beam_size}"
+        try:
+            peak = self.run_largest_batch()
+        except torch.OutOfMemoryError as e:
+            raise ModelUnavailableError(
+                f"{self.spec.name}: the largest batch ({what}) ran out of GPU memory within this replica's share "
+                f"({self.gpu_share:.2f} of {total / 2**30:.0f} GiB); lower batch_size or max_beam_size ({e})."
+            ) from None
+        problem = batch_memory_problem(peak, total, self.gpu_share, what)
+        if problem:
+            raise ModelUnavailableError(f"{self.spec.name}: {problem}")
+        logger.info("The largest batch (%s) peaked at %.1f GiB of this replica's %.1f GiB share.", what, peak / 2**30, self.gpu_share * total / 2**30)
+        self.largest_batch_bytes = peak
 
     def model_info(self) -> ModelInfo:
         info = ModelInfo(
@@ -291,6 +377,17 @@ class ModelCore:
 
 
 # -- helpers every env can use (stdlib and numpy; torch imported where needed) --------------------
+
+
+def batch_memory_problem(peak_bytes: int, total_bytes: int, share: float, what: str) -> Optional[str]:
+    """Why a largest batch of `peak_bytes` does not fit `share` of a `total_bytes` GPU; None if it does."""
+    allowed = share * total_bytes
+    if peak_bytes <= allowed:
+        return None
+    return (
+        f"the largest batch ({what}) peaked at {peak_bytes / 2**30:.1f} GiB, over this replica's share of the GPU "
+        f"({share:.2f} of {total_bytes / 2**30:.0f} GiB = {allowed / 2**30:.1f} GiB); lower batch_size or max_beam_size."
+    )
 
 
 def package_versions(names) -> dict:
@@ -548,6 +645,8 @@ def spec_options(*names: str) -> frozenset:
 
 
 __all__ = [
+    "BatchedModelArgs",
+    "batch_memory_problem",
     "Decoded",
     "DecodeRequest",
     "ModelAppArgs",

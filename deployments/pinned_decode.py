@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, List, MutableMapping, Optional, Sequence
+from typing import Iterable, Iterator, List, MutableMapping, Optional, Sequence
 
 MAX_PINNED_DECODE_TOKENS = 224
 """The most tokens a window can be pinned to: CTranslate2 decodes at most half of Whisper's
@@ -124,6 +124,14 @@ class PinnedLengthWhisper:
 
     def __getattr__(self, name):
         return getattr(self._model, name)
+
+
+def count_window_tokens(counts: Iterable[int]) -> None:
+    """Adds windows' token counts to this context's `counting_window_tokens` list, if any: for
+    windows decoded in another thread (the cross-request batcher's), where the pin cannot see it."""
+    window_tokens = _window_tokens.get()
+    if window_tokens is not None:
+        window_tokens.extend(int(n) for n in counts)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ import numpy as np
 from ray import serve
 from ray.serve import Application
 
+from deployments.batching import REQUEST_ID
 from deployments.contract import (
     InvalidAudioError,
     InvalidOptionsError,
@@ -40,7 +41,9 @@ class ModelReplica:
         self._versions = check_environment()
         self.core: ModelCore = import_core(core)(args, gpu_fraction=assigned_gpu_fraction() or None)
         publish_spec(serve.get_replica_context().app_name, self.spec())
+        self._replica = serve.get_replica_context().replica_tag
         self._in_flight = 0
+        self._served = 0
         self._decoding = 0
         self._cancelled = 0
         self._counts = threading.Lock()
@@ -55,8 +58,11 @@ class ModelReplica:
             ModelFailedError: Anything else that went wrong, by type name and message.
         """
         self._in_flight += 1
+        REQUEST_ID.set(serve_request_id())  # this request's task only; batch log lines list it
         try:
-            return await run_cancellable(self._decode, audio, options)
+            result = await run_cancellable(self._decode, audio, options)
+            self._served += 1
+            return result
         except _CONTRACT_ERRORS:
             raise
         except Exception as e:
@@ -85,10 +91,27 @@ class ModelReplica:
                 release_free_memory()  # what the decode freed; glibc keeps it otherwise
 
     def activity(self) -> dict:
-        """Requests in flight (Serve's view), decodes still running in threads, decodes stopped
-        by a cancellation since start, and this process's CPU seconds."""
+        """This replica's id, requests in flight (Serve's view) and served since start, decodes
+        still running in threads, decodes stopped by a cancellation since start, and this
+        process's CPU seconds."""
         with self._counts:
-            return {"in_flight": self._in_flight, "decoding": self._decoding, "cancelled": self._cancelled, "cpu_seconds": time.process_time()}
+            return {
+                "replica": self._replica,
+                "in_flight": self._in_flight,
+                "served": self._served,
+                "decoding": self._decoding,
+                "cancelled": self._cancelled,
+                "cpu_seconds": time.process_time(),
+            }
+
+    def batches(self) -> dict:
+        """What cross-request batching did since start (`deployments/batching.py`): batches,
+        windows, batches shared by two or more requests, a histogram of batch sizes and the
+        last batches with their request ids. Empty for a model that does not batch."""
+        batcher = self.core.batcher
+        if batcher is None:
+            return {}
+        return {"max_batch_size": batcher.max_batch_size, "max_wait_ms": batcher.max_wait_s * 1000, **batcher.stats.to_dict()}
 
     def spec(self) -> dict:
         """What this model is for and what it honours (`ModelSpec.to_dict()`)."""
@@ -109,6 +132,17 @@ class ModelReplica:
 
     def check_health(self) -> None:
         self.core.check_health()
+
+
+def serve_request_id() -> str:
+    """The id Serve gave the request being handled (the client's X-Request-Id, carried through
+    the ingress's handle calls), or "" outside a request."""
+    from ray.serve import context
+
+    try:
+        return str(context._get_serve_request_context().request_id or "")
+    except AttributeError:  # a Ray without the private accessor: batches are listed without ids
+        return ""
 
 
 def model_app(

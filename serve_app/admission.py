@@ -14,8 +14,9 @@ the handle, answered as 503 `model_overloaded` (or served by the fallback model)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -25,10 +26,20 @@ logger = logging.getLogger(__name__)
 
 
 class Admission:
-    """Counts the transcriptions in flight on this replica and refuses those over the limit."""
+    """Counts the transcriptions in flight on this replica and refuses those over the limit: the
+    smaller of `max_in_flight` and what the model apps can take now (`set_capacity`)."""
 
-    def __init__(self, max_in_flight: int, retry_after_s: int, on_idle: Optional[Callable[[], None]] = None):
-        self._limit = max_in_flight
+    def __init__(
+        self,
+        max_in_flight: int,
+        retry_after_s: int,
+        on_idle: Optional[Callable[[], None]] = None,
+        on_admit: Optional[Callable[[], None]] = None,
+    ):
+        self.max_in_flight = max_in_flight
+        self._on_admit = on_admit
+        """Called (in the event loop) before each admission decision (to refresh `set_capacity`)."""
+        self._capacity: Optional[int] = None
         self._retry_after_s = retry_after_s
         self._in_flight = 0
         self._on_idle = on_idle
@@ -38,6 +49,18 @@ class Admission:
     def in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def limit(self) -> int:
+        return self.max_in_flight if self._capacity is None else max(1, min(self.max_in_flight, self._capacity))
+
+    def set_capacity(self, capacity: Optional[int]) -> None:
+        """What the model apps behind this replica can take (`ModelCapacity.per_ingress_replica`);
+        None: unbounded or unknown, so `max_in_flight` alone applies."""
+        if capacity != self._capacity:
+            logger.info("Admission limit now %d (model capacity %s, max_in_flight %d).",
+                        self.max_in_flight if capacity is None else max(1, min(self.max_in_flight, capacity)), capacity, self.max_in_flight)
+        self._capacity = capacity
+
     @contextlib.contextmanager
     def admit(self) -> Iterator[None]:
         """Holds one slot for the duration of the block.
@@ -46,9 +69,12 @@ class Admission:
             IngressOverloadedError: All `max_in_flight` slots are taken.
         """
         # One event loop per replica: the check and the increment cannot interleave.
-        if self._in_flight >= self._limit:
-            logger.warning("Refusing a request: %d transcriptions in flight (limit %d).", self._in_flight, self._limit)
-            raise IngressOverloadedError(self._in_flight, self._limit, self._retry_after_s)
+        if self._on_admit is not None:
+            self._on_admit()
+        limit = self.limit
+        if self._in_flight >= limit:
+            logger.warning("Refusing a request: %d transcriptions in flight (limit %d).", self._in_flight, limit)
+            raise IngressOverloadedError(self._in_flight, limit, self._retry_after_s)
         self._in_flight += 1
         try:
             yield
@@ -56,6 +82,78 @@ class Admission:
             self._in_flight -= 1
             if self._in_flight == 0 and self._on_idle is not None:
                 self._on_idle()
+
+
+@dataclasses.dataclass(frozen=True)
+class AppCapacity:
+    """One application's share of the capacity: its running replicas and queue sizes."""
+
+    running_replicas: int
+    max_ongoing_requests: int
+    max_queued_requests: int
+    """Per caller (each ingress replica's handle queues its own); -1: unbounded."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCapacity:
+    """What the model apps behind the ingress can take at once, from Serve's own view of them.
+
+    A model replica runs `max_ongoing_requests` and each caller's handle queues up to
+    `max_queued_requests` more; beyond that Serve refuses (`BackPressureError`). So one
+    ingress replica can hand its model apps, without a refusal, its share of their running slots
+    plus its own queues. Scaling a model app out raises it; the ingress admits that many.
+    """
+
+    ingress_replicas: int
+    apps: Dict[str, AppCapacity]
+
+    @property
+    def per_ingress_replica(self) -> Optional[int]:
+        """Transcriptions one ingress replica can place at once; None when a queue is unbounded."""
+        if any(app.max_queued_requests < 0 for app in self.apps.values()):
+            return None
+        running = sum(app.running_replicas * app.max_ongoing_requests for app in self.apps.values())
+        return running // max(1, self.ingress_replicas) + sum(app.max_queued_requests for app in self.apps.values())
+
+    @classmethod
+    def from_serve(cls, details: Any, ingress_app: str, model_apps: Iterable[str]) -> "ModelCapacity":
+        """From `ray.serve.schema.ServeInstanceDetails` (what `serve status` and the dashboard's
+        REST API show). A model app not deployed counts as no replicas and no queue."""
+        from ray.serve.schema import ReplicaState
+
+        def app_capacity(name: str) -> AppCapacity:
+            app = details.applications.get(name)
+            if app is None or not app.deployments:
+                return AppCapacity(0, 0, 0)
+            # Model apps have one deployment; an app of several counts its first (its ingress).
+            deployment = next(iter(app.deployments.values()))
+            config = deployment.deployment_config
+            running = sum(1 for replica in deployment.replicas if replica.state == ReplicaState.RUNNING)
+            return AppCapacity(running, config.max_ongoing_requests or 0, config.max_queued_requests if config.max_queued_requests is not None else -1)
+
+        return cls(
+            ingress_replicas=max(1, app_capacity(ingress_app).running_replicas),
+            apps={name: app_capacity(name) for name in sorted(set(model_apps))},
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "ingress_replicas": self.ingress_replicas,
+            "per_ingress_replica": self.per_ingress_replica,
+            "apps": {name: dataclasses.asdict(app) for name, app in self.apps.items()},
+        }
+
+
+def serve_details() -> Any:
+    """Serve's `ServeInstanceDetails` from its controller (blocking: call it in a thread).
+
+    `serve.status()` builds its answer from the same call but keeps only replica counts by
+    state; the queue sizes are in the deployments' configs here.
+    """
+    from ray.serve import context
+    from ray.serve.schema import ServeInstanceDetails
+
+    return ServeInstanceDetails(**context._get_global_client().get_serve_details())
 
 
 ADMITTED_PATHS = ("/v1/audio/",)

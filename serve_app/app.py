@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import math
 import platform
 import sys
 import time
@@ -29,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deployments.contract import SAMPLE_RATE, InvalidOptionsError, ModelUnavailableError, TranscribeOptions
 from deployments.core import package_versions, process_memory, release_free_memory_soon, validate_audio
 from deployments.runtime import check_environment
-from serve_app.admission import AdmitTranscriptions, Admission
+from serve_app.admission import AdmitTranscriptions, Admission, ModelCapacity, serve_details
 from serve_app.audio import AudioReader
 from serve_app.events import sse_stream, stream_events
 from serve_app.pieces import Piece, cut_pieces, feed_pieces
@@ -119,7 +120,12 @@ class TranscriptionIngress:
         self._settings = IngressSettings(**(settings or {}))
         self._router = ModelRouter(self._settings)
         self._detector = LanguageDetector(self._settings.language_id)
-        self._admission = Admission(self._settings.max_in_flight, self._settings.retry_after_s, on_idle=self._release_memory)
+        self._admission = Admission(
+            self._settings.max_in_flight, self._settings.retry_after_s, on_idle=self._release_memory, on_admit=self._refresh_capacity_soon
+        )
+        self._capacity: Optional[ModelCapacity] = None
+        self._capacity_read_at = -math.inf
+        self._capacity_reading: Optional[asyncio.Task] = None
         configure(
             api,
             admission=self._admission,
@@ -254,6 +260,38 @@ class TranscriptionIngress:
             "warnings": [],
         }
         return {"transcription": own, **{m: await self.model_info(m) for m in self._settings.model_apps}}
+
+    async def admission(self) -> dict:
+        """This replica's admission now: its limit, what is in flight, and the model capacity the
+        limit follows (`serve_app/admission.py`), read from Serve for this answer."""
+        await self._read_capacity()
+        admission = self._admission
+        return {
+            "limit": admission.limit,
+            "in_flight": admission.in_flight,
+            "max_in_flight": admission.max_in_flight,
+            "capacity": self._capacity.to_dict() if self._capacity is not None else None,
+        }
+
+    def _refresh_capacity_soon(self) -> None:
+        # Read lazily, on admissions: an idle ingress does not poll the controller.
+        refresh_s = self._settings.capacity_refresh_s
+        due = time.monotonic() - self._capacity_read_at >= refresh_s
+        if refresh_s and due and (self._capacity_reading is None or self._capacity_reading.done()):
+            self._capacity_reading = asyncio.ensure_future(self._read_capacity())
+
+    async def _read_capacity(self) -> None:
+        if not self._settings.capacity_refresh_s:
+            return
+        self._capacity_read_at = time.monotonic()
+        try:
+            details = await asyncio.to_thread(serve_details)
+            capacity = ModelCapacity.from_serve(details, serve.get_replica_context().app_name, self._settings.model_apps.values())
+        except Exception as e:  # the controller is busy or restarting: keep the last reading
+            logger.warning("Could not read the model apps' capacity from Serve (%s: %s); keeping the last.", type(e).__name__, e)
+            return
+        self._capacity = capacity
+        self._admission.set_capacity(capacity.per_ingress_replica)
 
     def _release_memory(self) -> None:
         # Uploads and decoded audio are freed with their request; glibc keeps the pages unless

@@ -104,7 +104,8 @@ class IngressSettings(BaseSettings):
     max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Largest accepted upload; spooled to a temporary file (TMPDIR) while it arrives, never held in memory. 2 GiB fits three hours of 128 kbps audio or a meeting video; OpenAI's own limit is 25 MiB (26214400).")
     max_audio_seconds: float = Field(3 * 3600, gt=0, description="Longest accepted audio after decoding.")
     request_timeout_s: float = Field(900.0, gt=0, description="How long the ingress waits for a model app's answer on one piece of a recording (`pieces.seconds`) before answering 504; a long recording making progress is never cut.")
-    max_in_flight: int = Field(48, ge=1, description="HTTP transcriptions one ingress replica serves at once; more get 503 with Retry-After at once. Keep it below the deployment's max_ongoing_requests so the excess reaches the replica to be told.")
+    max_in_flight: int = Field(48, ge=1, description="HTTP transcriptions one ingress replica serves at once, at most; fewer while its model apps' running replicas and queues cannot take that many (`capacity_refresh_s`); more get 503 with Retry-After at once. Keep it below the deployment's max_ongoing_requests so the excess reaches the replica to be told.")
+    capacity_refresh_s: float = Field(5.0, ge=0, description="How often (at most) the ingress reads its model apps' running replicas and queue sizes from Serve, to admit no more than they can take (serve_app/admission.py, `ModelCapacity`); scaling a model app out raises the limit. 0: `max_in_flight` alone.")
     retry_after_s: int = Field(5, ge=1, description="Retry-After (seconds) on a 503 for an overloaded ingress or model.")
     api_keys: Annotated[List[str], NoDecode] = Field(
         default_factory=list,

@@ -87,8 +87,9 @@ def small_pieces_ingress(cluster: ServeCluster, name: str = "probe-pieces") -> d
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Tests that kill replicas run after every other test, so no other test meets a restart."""
-    items.sort(key=lambda item: item.get_closest_marker("chaos") is not None)
+    """Tests that change the cluster's replicas (autoscaling), then those that kill replicas, run
+    after every other test, so no other test meets a restart."""
+    items.sort(key=lambda item: 2 if item.get_closest_marker("chaos") else 1 if item.get_closest_marker("disruptive") else 0)
 
 
 @pytest.fixture(scope="session")

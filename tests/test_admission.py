@@ -25,7 +25,7 @@ import pytest
 from ray.serve.exceptions import BackPressureError
 from ray.serve.schema import ApplicationStatus, ApplicationStatusOverview, DeploymentStatus, DeploymentStatusOverview, DeploymentStatusTrigger
 
-from serve_app.admission import Admission
+from serve_app.admission import Admission, AppCapacity, ModelCapacity
 from serve_app.errors import IngressOverloadedError, error_response_for
 from serve_app.routing import _app_state
 
@@ -48,6 +48,29 @@ def test_admission_refuses_over_the_limit_and_frees_slots():
         with admission.admit():
             raise RuntimeError("model failed")
     assert admission.in_flight == 0
+
+
+def test_the_limit_follows_what_the_model_apps_can_take():
+    one = {"belle2": AppCapacity(1, 2, 8), "whisperx": AppCapacity(1, 2, 8)}
+    two = {**one, "whisperx": AppCapacity(2, 2, 8)}
+    # running slots shared among ingress replicas, plus each ingress replica's own handle queues
+    assert ModelCapacity(1, one).per_ingress_replica == 2 + 2 + 8 + 8
+    assert ModelCapacity(1, two).per_ingress_replica == 2 + 4 + 8 + 8
+    assert ModelCapacity(2, two).per_ingress_replica == (2 + 4) // 2 + 8 + 8
+    assert ModelCapacity(1, {**one, "belle2": AppCapacity(1, 2, -1)}).per_ingress_replica is None
+    admission = Admission(max_in_flight=48, retry_after_s=5)
+    assert admission.limit == 48  # nothing read yet
+    admission.set_capacity(ModelCapacity(1, one).per_ingress_replica)
+    assert admission.limit == 20
+    admission.set_capacity(ModelCapacity(1, two).per_ingress_replica)
+    assert admission.limit == 22  # scaling whisperx out raised it
+    admission.set_capacity(0)
+    assert admission.limit == 1  # nothing running and no queues: one at a time, to be told why
+    admission.set_capacity(None)
+    assert admission.limit == 48
+    small = Admission(max_in_flight=2, retry_after_s=5)
+    small.set_capacity(20)
+    assert small.limit == 2  # max_in_flight stays the ceiling
 
 
 def test_a_full_model_queue_without_fallback_is_503_with_retry_after():

@@ -71,7 +71,7 @@ def test_belle2_killed_mid_request_its_requests_fall_back_and_none_is_lost(base_
     audio = (data_dir / ZH_LONG).read_bytes()
     pid = _replica_pid("belle2")
     with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
-        # two in flight on BELLE-2 (max_ongoing_requests 2), one queued behind them
+        # three in flight on BELLE-2 (max_ongoing_requests 4)
         futures = [pool.submit(_post, base_url, audio, language="zh") for _ in range(3)]
         _wait_busy(pid, 3.0)
         os.kill(pid, signal.SIGKILL)

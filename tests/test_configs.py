@@ -70,6 +70,27 @@ def test_production_shares_one_gpu_and_bounds_queues(production):
     assert apps["belle2"]["args"]["model_cache"] and apps["whisperx"]["args"]["model_cache"]
 
 
+@pytest.mark.parametrize("which", ["production", "local"])
+def test_model_replicas_hold_a_batchs_worth_of_requests_and_scale_before_they_are_full(which, request):
+    apps = _apps(request.getfixturevalue(which))
+    for name in ("belle2", "whisperx"):
+        (dep,) = apps[name]["deployments"]
+        args = apps[name]["args"]
+        # a request beyond max_ongoing_requests waits at the handle, where its windows cannot join a batch
+        assert dep["max_ongoing_requests"] >= args["batch_size"], name
+        assert args.get("batch_across_requests", True) and args["batch_wait_ms"] >= 0
+        auto = dep["autoscaling_config"]
+        if auto["max_replicas"] > auto["min_replicas"]:
+            assert auto["target_ongoing_requests"] < dep["max_ongoing_requests"], name
+    ingress = apps["transcription"]
+    # what the ingress admits (serve_app/admission.py) covers the model replicas' targets, or
+    # autoscaling could never see enough load to act
+    models = [apps[name]["deployments"][0] for name in ("belle2", "whisperx")]
+    capacity = sum(d["max_ongoing_requests"] + d["max_queued_requests"] for d in models)
+    target = sum(d["autoscaling_config"]["target_ongoing_requests"] for d in models)
+    assert min(ingress["args"].get("max_in_flight", 48), capacity) > target
+
+
 def test_local_config_uses_one_venv_per_app_and_small_models(local):
     apps = _apps(local)
     for name, env in MODEL_ENVS.items():

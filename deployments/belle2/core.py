@@ -21,7 +21,7 @@ from deployments.belle2.speedups import Speedups
 from deployments.belle2.windows import Window, plan_windows, remaining_window
 from deployments.belle2.words import FRAMES_PER_SECOND, alignment_heads, recorded_cross_attention, timed_words, token_times
 from deployments.contract import SAMPLE_RATE, WORDS_FROM_CROSS_ATTENTION, ModelInfo, ModelSpec, Segment, TranscribeOptions
-from deployments.core import Decoded, DecodeRequest, ModelAppArgs, ModelCore, resolve_compute_type, set_torch_threads, spec_options, stop_if_cancelled
+from deployments.core import BatchedModelArgs, Decoded, DecodeRequest, ModelCore, resolve_compute_type, set_torch_threads, spec_options, stop_if_cancelled
 from deployments.pinned_decode import transformers_generate_kwargs, transformers_window_tokens
 from deployments.vad import VadOptions, speech_timestamps
 
@@ -38,12 +38,11 @@ CHECK_CLIP = Path(__file__).with_name("selfcheck_zh.wav")
 warm-up self-check of the speed-ups."""
 
 
-class Belle2Args(ModelAppArgs):
+class Belle2Args(BatchedModelArgs):
     """Settings of the BELLE-2 application, filled from the Serve config's `args:`."""
 
     model: str = Field("BELLE-2/Belle-whisper-large-v3-zh", description="Hugging Face model id or a local directory in transformers format.")
     compute_type: Literal["default", "float16", "float32"] = Field("default", description="'float16', 'float32', or 'default': float16 on cuda, float32 on cpu.")
-    batch_size: int = Field(8, ge=1, description="Windows of up to 30 s decoded together.")
     compression_ratio_threshold: float = Field(2.4, gt=0, description="A window whose text compresses better than this is decoded again at the next temperature.")
     logprob_threshold: float = Field(-1.0, description="A window whose average log-probability is below this is decoded again at the next temperature.")
     no_speech_threshold: float = Field(0.6, ge=0, le=1, description="With a low log-probability, a window whose no-speech probability exceeds this is dropped as silence.")
@@ -95,6 +94,7 @@ class Belle2Core(ModelCore):
         self._alignment_heads, heads_note = alignment_heads(self._model)
         if heads_note:
             (logger.info if self._alignment_heads else self.warn_at_start)(f"Word times: {heads_note}.")
+        self.batcher = self.batched(self._generate_batch)
         self._vad_options = VadOptions(
             threshold=args.vad_threshold,
             min_silence_duration_ms=args.vad_min_silence_ms,
@@ -149,6 +149,26 @@ class Belle2Core(ModelCore):
         silence = [np.zeros(SAMPLE_RATE, dtype=np.float32)]
         self.generate(silence, TranscribeOptions(beam_size=1, temperature=(0.0,)), max_new_tokens=WARMUP_TOKENS)
 
+    def run_largest_batch(self) -> int:
+        """`batch_size` windows of 30 s of speech at `max_beam_size`, every window decoded to the
+        decoder's length limit, then their word-time pass (which runs in the request's thread,
+        beside the next batch): the peak of the first plus what the second adds."""
+        torch = self._torch
+        window = np.resize(read_check_clip(), WINDOW_SECONDS * SAMPLE_RATE)
+        chunks = [window] * self.args.batch_size
+        opts = TranscribeOptions(beam_size=self.args.max_beam_size, temperature=(0.0,))
+        longest = self._model.config.max_target_positions - 8  # room for the prompt tokens
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        out = self.generate(chunks, opts, **transformers_generate_kwargs(longest))
+        generate_peak = torch.cuda.max_memory_reserved()
+        before_words = torch.cuda.memory_reserved()
+        torch.cuda.reset_peak_memory_stats()
+        if self._alignment_heads is not None:
+            self.word_times(chunks, out["segments"], opts)
+        del out
+        return generate_peak + max(0, torch.cuda.max_memory_reserved() - before_words)
+
     def speedup_counts(self) -> Dict[str, int]:
         """How often each decoding shortcut has applied since start, and how many linear layers
         run on oneDNN (`Speedups.counts`); the warm-up self-check's own decodes included."""
@@ -169,11 +189,12 @@ class Belle2Core(ModelCore):
                 stop_if_cancelled()
                 batch = windows[first : first + self.args.batch_size]
                 chunks = [audio[w.start : w.end] for w in batch]
-                out = self.generate(chunks, opts)
+                decoded = self.decode_together(generate_key(opts), chunks)
+                window_segments_list = [window_segments for window_segments, _ in decoded]
                 if pinned:
-                    request.window_tokens.extend(transformers_window_tokens(out["sequences"].tolist(), self._processor.tokenizer))
-                words = self.word_times(chunks, out["segments"], opts) if opts.word_timestamps else [None] * len(batch)
-                for window, window_segments, window_words in zip(batch, out["segments"], words):
+                    request.window_tokens.extend(transformers_window_tokens([row for _, row in decoded], self._processor.tokenizer))
+                words = self.word_times(chunks, window_segments_list, opts) if opts.word_timestamps else [None] * len(batch)
+                for window, window_segments, window_words in zip(batch, window_segments_list, words):
                     placed = self._place(window, window_segments, audio.size, window_words)
                     if follow_up:
                         placed = _from_speech_onset(placed, window, speech)
@@ -188,6 +209,12 @@ class Belle2Core(ModelCore):
         segments.sort(key=lambda s: s["start"])
         word_times = WORDS_FROM_CROSS_ATTENTION if opts.word_timestamps else None
         return Decoded(segments=_without_overlaps(segments), language="zh", word_times=word_times)
+
+    def _generate_batch(self, key: TranscribeOptions, chunks: List[np.ndarray]) -> List[tuple]:
+        """`generate` on windows of one or more requests that share `key`: per window, its
+        segments (generate's) and its row of token ids."""
+        out = self.generate(chunks, key)
+        return list(zip(out["segments"], out["sequences"].tolist()))
 
     def windows(self, audio: np.ndarray) -> List[Window]:
         """The decoder inputs `decode` cuts `audio` into (VAD spans merged to <= 30 s)."""
@@ -346,6 +373,12 @@ def _without_overlaps(segments: List[Segment]) -> List[Segment]:
 
 
 @functools.lru_cache(maxsize=1)
+def generate_key(opts: TranscribeOptions) -> TranscribeOptions:
+    """What windows must share to be decoded in one `generate` call: transformers takes one task,
+    beam width, temperature schedule and prompt per call (the language is always zh)."""
+    return TranscribeOptions(task=opts.task, beam_size=opts.beam_size, temperature=opts.temperature, initial_prompt=opts.initial_prompt)
+
+
 def read_check_clip() -> np.ndarray:
     """The self-check clip as 16 kHz mono float32 (stdlib `wave`: no PyAV needed)."""
     with wave.open(str(CHECK_CLIP), "rb") as f:

@@ -11,14 +11,14 @@ import logging
 import os
 import tempfile
 import threading
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 from pydantic import Field
 
 from deployments.contract import SAMPLE_RATE, WORDS_FROM_ALIGNER, WORDS_FROM_CROSS_ATTENTION, InvalidOptionsError, ModelInfo, ModelSpec, ModelUnavailableError, Segment, TranscribeOptions
-from deployments.core import Decoded, DecodeRequest, ModelAppArgs, ModelCore, ct2_whisper, spec_options, stop_if_cancelled, tokenizers_prompt_tokenizer
-from deployments.pinned_decode import PinnedLengthWhisper, counting_window_tokens
+from deployments.core import BatchedModelArgs, Decoded, DecodeRequest, ModelCore, ct2_whisper, spec_options, stop_if_cancelled, tokenizers_prompt_tokenizer
+from deployments.pinned_decode import MAX_PINNED_DECODE_TOKENS, PinnedLengthWhisper, count_window_tokens, counting_window_tokens
 from deployments.whisperx.stages import (
     AlignModelCache,
     as_segment,
@@ -35,25 +35,43 @@ _OPTIONS = ("initial_prompt", "temperature", "beam_size", "word_timestamps", "sc
 _SPEAKER_OPTIONS = ("diarize", "min_speakers", "max_speakers")
 
 
-def stoppable_whisper_model() -> type:
-    """whisperx's `WhisperModel` (faster-whisper's, plus batched generation) that stops between
-    batches once its request is cancelled (`stop_if_cancelled`)."""
-    from whisperx.asr import WhisperModel
+def generate_key(options: Any) -> tuple:
+    """The `generate` settings chunks must share to be decoded in one call (the prompt, which
+    carries language, task and initial prompt, is per chunk)."""
+    return (
+        ("beam_size", options.beam_size),
+        ("patience", options.patience),
+        ("length_penalty", options.length_penalty),
+        ("suppress_blank", options.suppress_blank),
+        ("suppress_tokens", tuple(options.suppress_tokens)),
+        ("no_repeat_ngram_size", options.no_repeat_ngram_size),
+        ("repetition_penalty", options.repetition_penalty),
+    )
 
-    class StoppableWhisperModel(WhisperModel):
-        def generate_segment_batched(self, *args, **kwargs):
-            stop_if_cancelled()
-            return super().generate_segment_batched(*args, **kwargs)
 
-    return StoppableWhisperModel
+def batching_pipeline() -> type:
+    """whisperx's `FasterWhisperPipeline` whose model calls go through the core's cross-request
+    batcher: each batch of VAD chunks becomes items (features, this request's prompt) that
+    `WhisperXCore._generate_batch` decodes with other requests' chunks."""
+    from whisperx.asr import FasterWhisperPipeline
+
+    class BatchingPipeline(FasterWhisperPipeline):
+        def __init__(self, *args, core: "WhisperXCore", **kwargs):
+            super().__init__(*args, **kwargs)
+            self._core = core
+
+        def _forward(self, model_inputs):
+            return self._core._decode_chunks(model_inputs["inputs"], self.tokenizer, self.options)
+
+    return BatchingPipeline
 
 
-class WhisperXArgs(ModelAppArgs):
+class WhisperXArgs(BatchedModelArgs):
     """Settings of the WhisperX application, filled from the Serve config's `args:`."""
 
     model: str = Field("large-v3", description="Whisper size name (e.g. 'large-v3') or a CTranslate2 model directory.")
     compute_type: str = Field("default", description="CTranslate2 compute type; 'default' is float16 on cuda, float32 on cpu.")
-    batch_size: int = Field(16, ge=1, description="VAD chunks decoded together in one batch.")
+    batch_size: int = Field(16, ge=1, description="Most VAD chunks decoded in one model call, from one request or several; bounds the memory of a call.")
     cpu_threads: int = Field(0, ge=0, description="CPU threads of CTranslate2 (decoding) and of PyTorch (VAD, alignment), the latter set in every decoding thread (core.set_torch_threads); 0 lets each choose.")
     chunk_size: float = Field(30.0, gt=0, le=30, description="Longest VAD chunk handed to Whisper, in seconds.")
     vad_onset: float = Field(0.5, gt=0, lt=1, description="VAD speech-start threshold.")
@@ -91,7 +109,14 @@ class WhisperXCore(ModelCore):
         from whisperx.vads import Pyannote
 
         self._torch = torch
-        self._model, self._compute_type = ct2_whisper(stoppable_whisper_model(), self.args, self.device)
+        from whisperx.asr import WhisperModel
+
+        if self.device == "cuda":
+            free, total = torch.cuda.mem_get_info()
+            self._gpu_used_at_load = total - free
+        self._model, self._compute_type = ct2_whisper(WhisperModel, self.args, self.device)
+        self._pipeline_class = batching_pipeline()
+        self.batcher = self.batched(self._generate_batch)
         if self.args.pinned_decode_tokens:
             self._model.model = PinnedLengthWhisper(
                 self._model.model, self.args.pinned_decode_tokens, end_of_text=self._model.hf_tokenizer.token_to_id("<|endoftext|>")
@@ -120,6 +145,30 @@ class WhisperXCore(ModelCore):
 
     def warm_up(self) -> None:
         self._model.detect_language(np.zeros(SAMPLE_RATE, dtype=np.float32))
+
+    def run_largest_batch(self) -> int:
+        """`batch_size` chunks of 30 s at `max_beam_size`, each decoded to CTranslate2's length
+        limit (end-of-text suppressed, as the pinned-decode benchmark does).
+
+        CTranslate2 has no memory counter of its own and is not capped by torch's, so this
+        counts the GPU memory in use on the device now against before this replica loaded:
+        weights, VAD and the batch's caches (which CTranslate2's allocator keeps). Another
+        replica loading on the same card at the same moment would be counted too: start replicas
+        that share a card one after another, as Serve does on a single-GPU node."""
+        import torch
+        from faster_whisper.audio import pad_or_trim
+        from faster_whisper.tokenizer import Tokenizer
+
+        # What is decoded does not matter with the length pinned: only the shapes do.
+        noise = np.random.default_rng(0).standard_normal(30 * SAMPLE_RATE).astype(np.float32) * 0.1
+        features = np.stack([pad_or_trim(self._model.feature_extractor(noise))] * self.args.batch_size)
+        tokenizer = Tokenizer(self._model.hf_tokenizer, self._model.model.is_multilingual, task="transcribe", language="en")
+        prompt = self._model.get_prompt(tokenizer, [], without_timestamps=True)
+        pinned = PinnedLengthWhisper(self._model.model, MAX_PINNED_DECODE_TOKENS, end_of_text=tokenizer.eot)
+        pinned.generate(self._model.encode(features), [prompt] * self.args.batch_size, beam_size=self.args.max_beam_size, max_length=self._model.max_length)
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info()
+        return max(0, (total - free) - self._gpu_used_at_load)
 
     def describe(self) -> ModelInfo:
         return ModelInfo(engine="whisperx", compute_type=self._compute_type)
@@ -176,12 +225,12 @@ class WhisperXCore(ModelCore):
         """Runs whisperx's batched ASR on one window; with `pinned_decode_tokens`, appends the tokens
         each VAD chunk decoded to `window_tokens`."""
         from faster_whisper.tokenizer import Tokenizer
-        from whisperx.asr import FasterWhisperPipeline
 
         # A pipeline per request: whisperx's pipeline rewrites its tokenizer and options during
         # transcribe(), so one shared instance would mix concurrent requests' settings.
         multilingual = self._model.model.is_multilingual
-        pipeline = FasterWhisperPipeline(
+        pipeline = self._pipeline_class(
+            core=self,
             model=self._model,
             vad=self._vad,
             vad_params={"vad_onset": self.args.vad_onset, "vad_offset": self.args.vad_offset},
@@ -195,6 +244,46 @@ class WhisperXCore(ModelCore):
                 audio, batch_size=self.args.batch_size, language=language, task=opts.task, chunk_size=self.args.chunk_size
             )
         return [s for s in result["segments"] if s["text"].strip()]
+
+    def _decode_chunks(self, features: Any, tokenizer: Any, options: Any) -> dict:
+        """One batch of a request's VAD chunks (whisperx's `generate_segment_batched`'s output),
+        decoded by the batcher with other requests' chunks of the same `generate` settings."""
+        prompt = self._model.get_prompt(
+            tokenizer,
+            tokenizer.encode(" " + options.initial_prompt.strip()) if options.initial_prompt is not None else [],
+            without_timestamps=options.without_timestamps,
+            prefix=options.prefix,
+            hotwords=options.hotwords,
+        )
+        features = np.asarray(features)
+        decoded = self.decode_together(generate_key(options), [(features[i], prompt) for i in range(features.shape[0])])
+        count_window_tokens(len(tokens) for tokens, _ in decoded)
+        texts = tokenizer.tokenizer.decode_batch([[t for t in tokens if t < tokenizer.eot] for tokens, _ in decoded])
+        return {"text": texts, "avg_logprob": [logprob for _, logprob in decoded]}
+
+    def _generate_batch(self, key: tuple, items: List[tuple]) -> List[tuple]:
+        """CTranslate2's `generate` on chunks of one or more requests that share `key`: one
+        encoder pass, a prompt per chunk (its request's language, task and initial prompt).
+        As whisperx's `generate_segment_batched`, which takes one prompt for a whole batch.
+
+        Returns:
+            Per chunk, its token ids and average log-probability.
+        """
+        settings = dict(key)
+        encoder_output = self._model.encode(np.stack([features for features, _ in items]))
+        result = self._model.model.generate(
+            encoder_output,
+            [prompt for _, prompt in items],
+            max_length=self._model.max_length,
+            return_scores=True,
+            **settings,
+        )
+        out = []
+        for res in result:
+            tokens = res.sequences_ids[0]
+            cumulative = res.scores[0] * (len(tokens) ** settings["length_penalty"])
+            out.append((tokens, cumulative / (len(tokens) + 1)))
+        return out
 
     def _load_align_model(self, language: str) -> tuple:
         import whisperx
