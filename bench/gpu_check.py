@@ -185,6 +185,52 @@ def word_times_check(core, audio: np.ndarray, s: Settings) -> dict:
             "passed": bool(segments) and ordered and result.get("word_times") == "whisper-cross-attention"}
 
 
+def concurrency_check(core, bundle: Path, s: Settings, clients: List[int]) -> dict:
+    """Cross-request batching on the device (deployments/batching.py, without Ray: the host has
+    none): N threads each transcribe every bundled clip once, against the same clips one after
+    another; aggregate tokens/s, p50/p95 latency and the batch sizes the batcher ran. The pin
+    makes every window the same work, so the ratio is the batching's."""
+    import threading
+
+    from deployments.batching import REQUEST_ID
+
+    with np.load(bundle / "clips.npz") as archive:
+        clips = [archive[name] for name in sorted(archive.files)]
+    opts = {"beam_size": s.beam_size, "temperature": [0.0]}
+    rows = []
+    for n in [1, *[c for c in clients if c > 1]]:
+        latencies: List[float] = []
+        tokens: List[int] = []
+        before, shared_before = dict(core.batcher.stats.sizes), core.batcher.stats.shared
+
+        def client(index: int) -> None:
+            for k in range(len(clips)):
+                REQUEST_ID.set(f"c{index}-{k}")
+                started = time.perf_counter()
+                result = core.transcribe(clips[(index + k) % len(clips)], opts)
+                latencies.append(time.perf_counter() - started)
+                tokens.append(sum(result["model"]["window_tokens"]))
+
+        synchronize(s.device)
+        started = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        synchronize(s.device)
+        wall = time.perf_counter() - started
+        sizes = {k: v - before.get(k, 0) for k, v in sorted(core.batcher.stats.sizes.items()) if v - before.get(k, 0)}
+        rows.append({"clients": n, "requests": len(latencies), "wall_s": round(wall, 3), "tokens_per_s": round(sum(tokens) / wall, 1),
+                     "p50_s": round(float(np.percentile(latencies, 50)), 3), "p95_s": round(float(np.percentile(latencies, 95)), 3),
+                     "batch_sizes": " ".join(f"{k}x{v}" for k, v in sizes.items()), "shared_batches": core.batcher.stats.shared - shared_before})
+    one = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["vs_one_at_a_time"] = round(row["tokens_per_s"] / one, 2)
+    # windows of two or more requests went through the model in one call
+    return {"rows": rows, "passed": len(rows) == 1 or any(row["shared_batches"] for row in rows[1:])}
+
+
 def peak_memory(device: str, reset: bool = False) -> Dict[str, int]:
     if device != "cuda":
         return {}
@@ -472,6 +518,12 @@ def markdown(report: dict) -> str:
     lines += ["", f"Model built in {report['model']['build_s']} s, loaded in {report['load_s']} s; "
               f"VAD of the workload {report['vad_s']} s; the whole check {report['total_s']} s. "
               f"Self-check at start: {report['start_warnings'] or 'passed'}."]
+    conc = report.get("concurrency")
+    if conc:
+        lines += ["", "Concurrent requests on one core (cross-request batching, no Ray): every bundled clip once per client.", "",
+                  "| clients | requests | wall s | tokens/s | vs one at a time | p50 s | p95 s | batch sizes |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['clients']} | {r['requests']} | {r['wall_s']} | {r['tokens_per_s']} | {r['vs_one_at_a_time']} | {r['p50_s']} | "
+                  f"{r['p95_s']} | {r['batch_sizes']} |" for r in conc["rows"]]
     largest = report.get("largest_batch")
     if largest:
         lines += [f"Largest batch at start ({largest['batch_size']} windows x beam {largest['max_beam_size']}, decoded to the "
@@ -490,6 +542,7 @@ def main(argv=None) -> int:
     parser.add_argument("--beam-size", type=int, default=5)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--clients", type=int, nargs="+", default=[4, 16], help="concurrent threads of the batching check (and 1)")
     parser.add_argument("--workload-repeat", type=int, default=4, help="copies of the clips in the workload")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compute-type", choices=("default", "float16", "float32"), default="default",
@@ -503,6 +556,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.decode_tokens, args.beam_size, args.batches, args.repeats, args.workload_repeat = 4, 2, [1, 2], 1, 1
+        args.clients = [2]
     s = Settings(args.device, args.shape, args.decode_tokens, args.beam_size, sorted(args.batches), args.repeats,
                  args.workload_repeat, args.seed, args.compute_type)
     if args.worker:
@@ -541,6 +595,8 @@ def main(argv=None) -> int:
         print(f"shortcuts: {report['shortcuts']['verdict']}", flush=True)
         report["word_times"] = word_times_check(core, audio, s)
         print(f"word times: {report['word_times']}", flush=True)
+        report["concurrency"] = concurrency_check(core, args.bundle, s, args.clients)
+        print(f"concurrency: {report['concurrency']}", flush=True)
         del core
         gc.collect()
         if s.device == "cuda":
@@ -554,6 +610,7 @@ def main(argv=None) -> int:
     report["passed"] = (
         report["shortcuts"]["passed"]
         and report["word_times"]["passed"]
+        and report["concurrency"]["passed"]
         and report.get("memory", {}).get("passed", True)
         and not report["imported_absent_modules"]
         and not any(r.get("imported_absent_modules") for r in report.get("memory", {}).get("processes", {}).values())

@@ -64,7 +64,8 @@ class CrossRequestBatcher:
         run: Decodes a list of items that share `key`; returns one output per item, in order.
             Called in the runner thread only, one batch at a time.
         max_batch_size: Most items in one call (bounds the model's memory per call).
-        max_wait_ms: How long the oldest waiting item may wait for others to join its batch.
+        max_wait_ms: How long the oldest waiting item may wait for others to join its batch,
+            counted from its arrival or from the end of the previous batch, whichever is later.
             The runner waits only while a request that has joined (`joined()`) has nothing
             queued yet, so a lone request never waits.
         name: For log lines and the runner thread's name.
@@ -91,6 +92,8 @@ class CrossRequestBatcher:
         self._queue: Deque[_Entry] = collections.deque()
         self._joined: Dict[int, int] = {}  # id of a joined request's marker -> queued entries
         self._runner: Optional[threading.Thread] = None
+        self._free_since = 0.0
+        """When the runner finished its last batch (monotonic seconds)."""
         self.stats = BatchStats()
 
     # -- callers' side ---------------------------------------------------------------------------
@@ -168,11 +171,15 @@ class CrossRequestBatcher:
                     self._lock.wait()
                 batch = self._gather()
             self._run_batch(batch)
+            self._free_since = time.monotonic()
 
     def _gather(self) -> List[tuple]:
         """(entry, first, stop) slices of queued entries for the next batch; the lock is held."""
+        # The wait counts from when the oldest arrived or the model became free, whichever is
+        # later: windows that queued during a batch would otherwise leave at once, and two
+        # requests would take turns in batches of their own.
         oldest = self._queue[0]
-        deadline = oldest.enqueued + self.max_wait_s
+        deadline = max(oldest.enqueued, self._free_since) + self.max_wait_s
         while self._waiting_items(oldest.key) < self.max_batch_size and self._someone_preparing():
             left = deadline - time.monotonic()
             if left <= 0:
@@ -182,7 +189,7 @@ class CrossRequestBatcher:
                 return []
             if self._queue[0] is not oldest:
                 oldest = self._queue[0]
-                deadline = oldest.enqueued + self.max_wait_s
+                deadline = max(oldest.enqueued, self._free_since) + self.max_wait_s
         key, room, batch = self._queue[0].key, self.max_batch_size, []
         for entry in list(self._queue):
             if room == 0:

@@ -128,3 +128,13 @@ def test_dry_run_places_words_with_the_alignment_heads(dry_run):
     assert words["passed"] is True and words["source"] == "whisper-cross-attention"
     assert words["segments"] >= 1 and words["words"] >= words["segments"]
     assert words["wall_with_s"] > 0 and "Word times (alignment heads" in (out / "gpu_check.md").read_text()
+
+
+def test_dry_run_batches_concurrent_requests_on_the_core_without_ray(dry_run):
+    _, report, out = dry_run
+    rows = report["concurrency"]["rows"]
+    assert [r["clients"] for r in rows] == [1, 2]
+    assert rows[0]["batch_sizes"] and rows[0]["shared_batches"] == 0
+    assert rows[1]["shared_batches"] >= 1 and report["concurrency"]["passed"] is True
+    assert all(r["tokens_per_s"] > 0 and r["requests"] == r["clients"] * rows[0]["requests"] for r in rows)
+    assert "Concurrent requests on one core" in (out / "gpu_check.md").read_text()
