@@ -43,6 +43,9 @@ class _Entry:
     """One request's windows waiting in the queue, and what came back for them."""
 
     key: Hashable
+    group: Hashable
+    """`key` and whatever else must match to share a batch (the request itself, for one that
+    shares with nobody)."""
     items: Sequence[Any]
     request_id: str
     enqueued: float
@@ -114,13 +117,16 @@ class CrossRequestBatcher:
                 del self._joined[id(marker)]
                 self._lock.notify_all()  # the runner may be waiting for this request
 
-    def submit(self, key: Hashable, items: Sequence[Any], *, should_stop: Optional[Callable[[], bool]] = None) -> List[Any]:
+    def submit(
+        self, key: Hashable, items: Sequence[Any], *, should_stop: Optional[Callable[[], bool]] = None, alone: bool = False
+    ) -> List[Any]:
         """Decodes `items` in one or more batches, shared with other requests' items of the same
         key, and returns their outputs in order. Blocks the calling thread.
 
         Args:
             should_stop: Polled while waiting: once true, items no batch has taken yet are
                 withdrawn and `BatchWithdrawn` is raised (items already in a batch finish first).
+            alone: Share batches with no other request (this request's own items still batch).
 
         Raises:
             BatchWithdrawn: `should_stop` turned true.
@@ -128,8 +134,9 @@ class CrossRequestBatcher:
         """
         if not items:
             return []
-        entry = _Entry(key=key, items=list(items), request_id=REQUEST_ID.get(), enqueued=time.monotonic())
         marker = _MARKER.get()
+        group = (key, marker if marker is not None else threading.get_ident()) if alone else key
+        entry = _Entry(key=key, group=group, items=list(items), request_id=REQUEST_ID.get(), enqueued=time.monotonic())
         with self._lock:
             self._queue.append(entry)
             if marker in self._joined:
@@ -180,7 +187,7 @@ class CrossRequestBatcher:
         # requests would take turns in batches of their own.
         oldest = self._queue[0]
         deadline = max(oldest.enqueued, self._free_since) + self.max_wait_s
-        while self._waiting_items(oldest.key) < self.max_batch_size and self._someone_preparing():
+        while self._waiting_items(oldest.group) < self.max_batch_size and self._someone_preparing():
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -190,11 +197,11 @@ class CrossRequestBatcher:
             if self._queue[0] is not oldest:
                 oldest = self._queue[0]
                 deadline = max(oldest.enqueued, self._free_since) + self.max_wait_s
-        key, room, batch = self._queue[0].key, self.max_batch_size, []
+        group, room, batch = self._queue[0].group, self.max_batch_size, []
         for entry in list(self._queue):
             if room == 0:
                 break
-            if entry.key != key:
+            if entry.group != group:
                 continue
             count = min(room, len(entry.items) - entry.taken)
             batch.append((entry, entry.taken, entry.taken + count))
@@ -204,8 +211,8 @@ class CrossRequestBatcher:
                 self._queue.remove(entry)
         return batch
 
-    def _waiting_items(self, key: Hashable) -> int:
-        return sum(len(e.items) - e.taken for e in self._queue if e.key == key)
+    def _waiting_items(self, group: Hashable) -> int:
+        return sum(len(e.items) - e.taken for e in self._queue if e.group == group)
 
     def _someone_preparing(self) -> bool:
         """A joined request has nothing queued: its windows may be moments away."""

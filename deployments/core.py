@@ -252,11 +252,11 @@ class ModelCore:
             TranscriptionCancelled: This request was cancelled before a batch took its items.
         """
         stop_if_cancelled()
-        if not self.args.batch_across_requests:
-            key = (threading.get_ident(), key)  # this request's thread: no other request shares it
         stop = _STOP.get()
         try:
-            return self.batcher.submit(key, items, should_stop=stop.is_set if stop is not None else None)
+            return self.batcher.submit(
+                key, items, should_stop=stop.is_set if stop is not None else None, alone=not self.args.batch_across_requests
+            )
         except BatchWithdrawn:
             raise TranscriptionCancelled() from None
 

@@ -66,7 +66,7 @@ def test_windows_of_concurrent_requests_share_a_batch_and_each_gets_its_own_resu
     first = busy(batcher, recorder, out)
     a = in_thread(batcher, "a", "k", [1, 2, 3], out)
     b = in_thread(batcher, "b", "k", [4, 5], out)
-    while batcher._waiting_items("k") < 5:
+    while sum(len(e.items) for e in batcher._queue) < 5:
         threading.Event().wait(0.01)
     recorder.release.set()
     finish(first, a, b)
@@ -84,7 +84,7 @@ def test_max_batch_size_one_never_mixes_requests():
     first = busy(batcher, recorder, out)
     a = in_thread(batcher, "a", "k", [1, 2], out)
     b = in_thread(batcher, "b", "k", [3], out)
-    while batcher._waiting_items("k") < 3:
+    while sum(len(e.items) for e in batcher._queue) < 3:
         threading.Event().wait(0.01)
     recorder.release.set()
     finish(first, a, b)
@@ -125,7 +125,7 @@ def test_a_failing_window_fails_only_its_own_request():
     first = busy(batcher, recorder, out)
     good = in_thread(batcher, "good", "k", [1, 2], out)
     bad = in_thread(batcher, "bad", "k", ["poison"], out)
-    while batcher._waiting_items("k") < 3:
+    while sum(len(e.items) for e in batcher._queue) < 3:
         threading.Event().wait(0.01)
     recorder.release.set()
     finish(first, good, bad)
@@ -144,7 +144,7 @@ def test_a_cancelled_request_leaves_the_queue_and_the_others_are_served():
     stop = threading.Event()
     gone = in_thread(batcher, "gone", "k", [7, 8], out, should_stop=stop.is_set)
     stays = in_thread(batcher, "stays", "k", [9], out)
-    while batcher._waiting_items("k") < 3:
+    while sum(len(e.items) for e in batcher._queue) < 3:
         threading.Event().wait(0.01)
     stop.set()
     finish(gone)
@@ -177,7 +177,7 @@ def test_the_runner_waits_for_a_request_that_is_still_preparing_but_not_for_a_lo
     late_thread.start()
     assert late_joined.wait(30)
     early = in_thread(batcher, "early", "k", [3], out)
-    while batcher._waiting_items("k") < 1:
+    while sum(len(e.items) for e in batcher._queue) < 1:
         threading.Event().wait(0.01)
     assert len(recorder.batches) == 1  # "early" waits: "late" has joined and queued nothing yet
     late_may_submit.set()
@@ -199,3 +199,19 @@ def test_a_largest_batch_over_the_gpu_share_is_named_with_the_settings_to_lower(
     problem = batch_memory_problem(80 * gib, 140 * gib, 0.5, "batch_size 8 x max_beam_size 8")
     assert "80.0 GiB" in problem and "0.50 of 140 GiB = 70.0 GiB" in problem
     assert "batch_size 8 x max_beam_size 8" in problem and "lower batch_size or max_beam_size" in problem
+
+
+def test_a_request_that_batches_alone_keeps_its_windows_together_but_shares_with_nobody():
+    recorder = Recorder(hold=True)
+    batcher = CrossRequestBatcher(recorder, max_batch_size=8, max_wait_ms=0)
+    out: dict = {}
+    first = busy(batcher, recorder, out)
+    a = in_thread(batcher, "a", "k", [1, 2], out, alone=True)
+    b = in_thread(batcher, "b", "k", [3], out, alone=True)
+    while len(batcher._queue) < 2:
+        threading.Event().wait(0.01)
+    recorder.release.set()
+    finish(first, a, b)
+    assert out == {"busy": [0], "a": [10, 20], "b": [30]}
+    assert sorted(sorted(items) for _, items in recorder.batches[1:]) == [[1, 2], [3]]
+    assert all(key == "k" for key, _ in recorder.batches)  # `run` still gets the plain key
