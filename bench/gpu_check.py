@@ -581,8 +581,11 @@ def main(argv=None) -> int:
         report["load_s"] = round(time.perf_counter() - t, 1)
         report["start_warnings"] = core.start_warnings
         # the start-up check of the largest batch against the replica's GPU share (ModelCore.check_largest_batch)
+        if s.device != "cuda":  # the replica runs it on a GPU only; the dry run checks that it runs
+            core.largest_batch_bytes = core.run_largest_batch()
         report["largest_batch"] = {"batch_size": core.args.batch_size, "max_beam_size": core.args.max_beam_size,
-                                   "peak_gib": round(getattr(core, "largest_batch_bytes", 0) / 2**30, 2), "share": core.gpu_share}
+                                   "peak_gib": round(getattr(core, "largest_batch_bytes", 0) / 2**30, 2), "share": core.gpu_share,
+                                   "sequence_tokens": getattr(core, "largest_batch_tokens", None)}
         audio = workload(args.bundle, s.workload_repeat)
         from deployments.vad import speech_timestamps
 

@@ -138,3 +138,12 @@ def test_dry_run_batches_concurrent_requests_on_the_core_without_ray(dry_run):
     assert rows[1]["shared_batches"] >= 1 and report["concurrency"]["passed"] is True
     assert all(r["tokens_per_s"] > 0 and r["requests"] == r["clients"] * rows[0]["requests"] for r in rows)
     assert "Concurrent requests on one core" in (out / "gpu_check.md").read_text()
+
+
+def test_dry_run_runs_the_largest_batch_to_the_length_limit(dry_run):
+    _, report, out = dry_run
+    largest = report["largest_batch"]
+    # batch_size windows at max_beam_size, each decoded to the decoder's limit (448 less room for the prompt)
+    assert largest["batch_size"] == 2 and largest["max_beam_size"] == 8
+    assert largest["sequence_tokens"] >= 440
+    assert "Largest batch at start" in (out / "gpu_check.md").read_text()

@@ -153,21 +153,24 @@ class Belle2Core(ModelCore):
         """`batch_size` windows of 30 s of speech at `max_beam_size`, every window decoded to the
         decoder's length limit, then their word-time pass (which runs in the request's thread,
         beside the next batch): the peak of the first plus what the second adds."""
-        torch = self._torch
+        cuda = self._torch.cuda if self.device == "cuda" else None  # on CPU: the same work, 0 bytes (the GPU check's dry run)
         window = np.resize(read_check_clip(), WINDOW_SECONDS * SAMPLE_RATE)
         chunks = [window] * self.args.batch_size
         opts = TranscribeOptions(beam_size=self.args.max_beam_size, temperature=(0.0,))
         longest = self._model.config.max_target_positions - 8  # room for the prompt tokens
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            cuda.synchronize()
+            cuda.reset_peak_memory_stats()
         out = self.generate(chunks, opts, **transformers_generate_kwargs(longest))
-        generate_peak = torch.cuda.max_memory_reserved()
-        before_words = torch.cuda.memory_reserved()
-        torch.cuda.reset_peak_memory_stats()
+        self.largest_batch_tokens = out["sequences"].shape[-1]
+        generate_peak = cuda.max_memory_reserved() if cuda else 0
+        before_words = cuda.memory_reserved() if cuda else 0
+        if cuda:
+            cuda.reset_peak_memory_stats()
         if self._alignment_heads is not None:
             self.word_times(chunks, out["segments"], opts)
         del out
-        return generate_peak + max(0, torch.cuda.max_memory_reserved() - before_words)
+        return generate_peak + max(0, (cuda.max_memory_reserved() if cuda else 0) - before_words)
 
     def speedup_counts(self) -> Dict[str, int]:
         """How often each decoding shortcut has applied since start, and how many linear layers
