@@ -171,7 +171,10 @@ class CrossRequestBatcher:
 
     def _serve(self) -> None:
         if self._thread_setup is not None:
-            self._thread_setup()
+            try:
+                self._thread_setup()
+            except Exception:  # the runner must live: every waiting request depends on it
+                logger.exception("The batch runner's thread setup failed; running batches without it.")
         while True:
             with self._lock:
                 while not self._queue:

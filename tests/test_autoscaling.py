@@ -10,10 +10,11 @@ after the other tests (tests/conftest.py).
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import pytest
+
+from tests.test_long_audio import _wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.disruptive]
 
@@ -37,16 +38,6 @@ def _replica_states(app: str = "whisperx") -> dict:
 
     (deployment,) = serve.status().applications[app].deployments.values()
     return {str(getattr(state, "value", state)): count for state, count in deployment.replica_states.items()}
-
-
-def _wait_for(check, *, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"Timed out after {timeout_s} s waiting for {what}.")
 
 
 def test_whisperx_scales_out_under_load_and_back_when_it_stops(serve_cluster, base_url, data_dir):
