@@ -147,7 +147,8 @@ class Belle2Core(ModelCore):
         # A few tokens are enough to initialise everything; silence decoded in full ran to the
         # length limit (13 s of replica start-up on CPU).
         silence = [np.zeros(SAMPLE_RATE, dtype=np.float32)]
-        self.generate(silence, TranscribeOptions(beam_size=1, temperature=(0.0,)), max_new_tokens=WARMUP_TOKENS)
+        limit = {} if self.args.pinned_decode_tokens else {"max_new_tokens": WARMUP_TOKENS}  # a pin decodes its own length
+        self.generate(silence, TranscribeOptions(beam_size=1, temperature=(0.0,)), **limit)
 
     def run_largest_batch(self) -> int:
         """`batch_size` windows of 30 s of speech at `max_beam_size`, every window decoded to the
@@ -234,7 +235,7 @@ class Belle2Core(ModelCore):
             pad_samples=self.args.window_pad_ms * SAMPLE_RATE // 1000,
         )
 
-    def generate(self, chunks: List[np.ndarray], opts: TranscribeOptions, max_new_tokens: Optional[int] = None, **overrides: Any) -> Any:
+    def generate(self, chunks: List[np.ndarray], opts: TranscribeOptions, **overrides: Any) -> Any:
         """transformers' `generate` on up to `batch_size` windows at once, as the app decodes them.
 
         Returns generate's output (a dict with `sequences` and `segments`). `overrides` replace
@@ -254,8 +255,6 @@ class Belle2Core(ModelCore):
         )
         if self.args.pinned_decode_tokens:
             settings.update(transformers_generate_kwargs(self.args.pinned_decode_tokens))
-        elif max_new_tokens:
-            settings["max_new_tokens"] = max_new_tokens
         settings = dict(
             language="zh",
             task=opts.task,
