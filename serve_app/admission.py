@@ -56,10 +56,10 @@ class Admission:
     def set_capacity(self, capacity: Optional[int]) -> None:
         """What the model apps behind this replica can take (`ModelCapacity.per_ingress_replica`);
         None: unbounded or unknown, so `max_in_flight` alone applies."""
-        if capacity != self._capacity:
-            logger.info("Admission limit now %d (model capacity %s, max_in_flight %d).",
-                        self.max_in_flight if capacity is None else max(1, min(self.max_in_flight, capacity)), capacity, self.max_in_flight)
+        changed = capacity != self._capacity
         self._capacity = capacity
+        if changed:
+            logger.info("Admission limit now %d (model capacity %s, max_in_flight %d).", self.limit, capacity, self.max_in_flight)
 
     @contextlib.contextmanager
     def admit(self) -> Iterator[None]:

@@ -374,13 +374,13 @@ def _without_overlaps(segments: List[Segment]) -> List[Segment]:
     return out
 
 
-@functools.lru_cache(maxsize=1)
 def generate_key(opts: TranscribeOptions) -> TranscribeOptions:
     """What windows must share to be decoded in one `generate` call: transformers takes one task,
     beam width, temperature schedule and prompt per call (the language is always zh)."""
     return TranscribeOptions(task=opts.task, beam_size=opts.beam_size, temperature=opts.temperature, initial_prompt=opts.initial_prompt)
 
 
+@functools.lru_cache(maxsize=1)
 def read_check_clip() -> np.ndarray:
     """The self-check clip as 16 kHz mono float32 (stdlib `wave`: no PyAV needed)."""
     with wave.open(str(CHECK_CLIP), "rb") as f:
