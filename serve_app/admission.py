@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional
+from typing import Callable, Dict, Iterable, Iterator, Optional
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -116,20 +116,25 @@ class ModelCapacity:
         return running // max(1, self.ingress_replicas) + sum(app.max_queued_requests for app in self.apps.values())
 
     @classmethod
-    def from_serve(cls, details: Any, ingress_app: str, model_apps: Iterable[str]) -> "ModelCapacity":
-        """From `ray.serve.schema.ServeInstanceDetails` (what `serve status` and the dashboard's
-        REST API show). A model app not deployed counts as no replicas and no queue."""
-        from ray.serve.schema import ReplicaState
+    def from_serve(cls, details: dict, ingress_app: str, model_apps: Iterable[str]) -> "ModelCapacity":
+        """From Serve's details dict (`serve_details`: what `serve status` and the dashboard's
+        REST API show, in the shape of `ray.serve.schema.ServeInstanceDetails`). A model app not
+        deployed counts as no replicas and no queue; an option left out has Serve's default."""
 
         def app_capacity(name: str) -> AppCapacity:
-            app = details.applications.get(name)
-            if app is None or not app.deployments:
+            deployments = (details.get("applications", {}).get(name) or {}).get("deployments") or {}
+            if not deployments:
                 return AppCapacity(0, 0, 0)
             # Model apps have one deployment; an app of several counts its first (its ingress).
-            deployment = next(iter(app.deployments.values()))
-            config = deployment.deployment_config
-            running = sum(1 for replica in deployment.replicas if replica.state == ReplicaState.RUNNING)
-            return AppCapacity(running, config.max_ongoing_requests or 0, config.max_queued_requests if config.max_queued_requests is not None else -1)
+            deployment = next(iter(deployments.values()))
+            config = deployment.get("deployment_config") or {}
+            running = sum(1 for replica in deployment.get("replicas") or () if replica.get("state") == "RUNNING")
+            max_queued = config.get("max_queued_requests")
+            return AppCapacity(
+                running,
+                config.get("max_ongoing_requests") or _serve_default("max_ongoing_requests"),
+                max_queued if max_queued is not None else _serve_default("max_queued_requests"),
+            )
 
         return cls(
             ingress_replicas=max(1, app_capacity(ingress_app).running_replicas),
@@ -144,16 +149,25 @@ class ModelCapacity:
         }
 
 
-def serve_details() -> Any:
-    """Serve's `ServeInstanceDetails` from its controller (blocking: call it in a thread).
+def serve_details() -> dict:
+    """Serve's details from its controller, as the JSON-like dict it sends (blocking: call it in
+    a thread).
 
-    `serve.status()` builds its answer from the same call but keeps only replica counts by
-    state; the queue sizes are in the deployments' configs here.
+    Kept a dict on purpose: building `ServeInstanceDetails` (as `serve.status()` does) builds
+    each deployment's autoscaling policy, which registers and then unregisters
+    `ray.serve.autoscaling_policy` with cloudpickle, process-wide. Two such builds in two
+    threads (the ingress reading status and capacity at once) raced, and a request failed
+    with "... is not registered for pickle by value".
     """
     from ray.serve import context
-    from ray.serve.schema import ServeInstanceDetails
 
-    return ServeInstanceDetails(**context._get_global_client().get_serve_details())
+    return context._get_global_client().get_serve_details()
+
+
+def _serve_default(option: str) -> int:
+    from ray.serve._private.config import DeploymentConfig
+
+    return DeploymentConfig.model_fields[option].default
 
 
 ADMITTED_PATHS = ("/v1/audio/",)

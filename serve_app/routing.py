@@ -91,11 +91,11 @@ class ModelRouter:
                 self._status_at = time.monotonic()
 
     def _read_status(self) -> Tuple[Dict[str, AppState], Dict[ModelName, ModelSpec]]:
-        from ray import serve
-
         from deployments.runtime import read_spec
 
-        status = {name: _app_state(app) for name, app in serve.status().applications.items()}
+        from serve_app.admission import serve_details
+
+        status = {name: _app_state(app) for name, app in serve_details().get("applications", {}).items()}
         specs = {}
         for model, app in self._settings.model_apps.items():
             raw = read_spec(app) if app in status else None
@@ -324,17 +324,15 @@ def _honoured_by(option: str, specs: Dict[ModelName, ModelSpec], model: ModelNam
     return f"{' and '.join(others)} {'honours' if len(others) == 1 else 'honour'} it: ask for it with model={others[0]}."
 
 
-def _app_state(app) -> AppState:
-    """An `AppState` from Serve's `ApplicationStatusOverview`."""
-    running = any(d.replica_states.get("RUNNING", 0) > 0 for d in app.deployments.values())
+def _app_state(app: dict) -> AppState:
+    """An `AppState` from one application of Serve's details dict (`serve_details`; not
+    `serve.status()`: see `serve_details`)."""
+    deployments = (app.get("deployments") or {}).values()
+    running = any(replica.get("state") == "RUNNING" for d in deployments for replica in d.get("replicas") or ())
     # A failing deployment's message holds the replica's traceback; the app's only names it.
-    messages = [d.message for d in app.deployments.values() if _enum_value(d.status) != "HEALTHY"] + [app.message]
+    messages = [d.get("message") for d in deployments if d.get("status") != "HEALTHY"] + [app.get("message")]
     message = next((_last_line(m) for m in messages if m and m.strip()), "")
-    return AppState(running, _enum_value(app.status), message)
-
-
-def _enum_value(value) -> str:
-    return str(getattr(value, "value", value))
+    return AppState(running, str(app.get("status", "UNKNOWN")), message)
 
 
 def _last_line(text: str) -> str:

@@ -23,7 +23,6 @@ import httpx
 import numpy as np
 import pytest
 from ray.serve.exceptions import BackPressureError
-from ray.serve.schema import ApplicationStatus, ApplicationStatusOverview, DeploymentStatus, DeploymentStatusOverview, DeploymentStatusTrigger
 
 from serve_app.admission import Admission, AppCapacity, ModelCapacity
 from serve_app.errors import IngressOverloadedError, error_response_for
@@ -82,23 +81,53 @@ def test_a_full_model_queue_without_fallback_is_503_with_retry_after():
     assert response.headers["Retry-After"] == "3"
 
 
+def _app(status: str, *deployments: dict, message: str = "") -> dict:
+    """One application of Serve's details dict, in the shape the controller sends."""
+    return {"status": status, "message": message, "deployments": {d["name"]: d for d in deployments}}
+
+
+def _deployment(name: str, *replica_states: str, status: str = "HEALTHY", message: str = "", **config) -> dict:
+    return {
+        "name": name,
+        "status": status,
+        "status_trigger": "CONFIG_UPDATE_COMPLETED",
+        "message": message,
+        "deployment_config": {"name": name, **config},
+        "replicas": [{"replica_id": f"r{i}", "state": state} for i, state in enumerate(replica_states)],
+    }
+
+
 def test_app_state_carries_serves_status_and_the_last_line_of_its_message():
-    failed = ApplicationStatusOverview(
-        status=ApplicationStatus.DEPLOY_FAILED,
+    failed = _app(
+        "DEPLOY_FAILED",
+        _deployment(
+            "Belle2Transcriber",
+            status="DEPLOY_FAILED",
+            message="The deployment failed to start 3 times in a row.\nTraceback (most recent call last):\n  File \"app.py\"\nOSError: /missing is not a folder\n",
+        ),
         message="The deployments ['Belle2Transcriber'] are UNHEALTHY.",
-        last_deployed_time_s=0.0,
-        deployments={
-            "Belle2Transcriber": DeploymentStatusOverview(
-                status=DeploymentStatus.DEPLOY_FAILED,
-                status_trigger=DeploymentStatusTrigger.REPLICA_STARTUP_FAILED,
-                replica_states={},
-                message="The deployment failed to start 3 times in a row.\nTraceback (most recent call last):\n  File \"app.py\"\nOSError: /missing is not a folder\n",
-            )
-        },
     )
     state = _app_state(failed)
     assert not state.running
     assert state.reason() == "application status DEPLOY_FAILED: OSError: /missing is not a folder"
+    assert _app_state(_app("RUNNING", _deployment("WhisperXTranscriber", "STARTING", "RUNNING"))) == (True, "RUNNING", "")
+
+
+def test_capacity_reads_serves_details_dict_with_serves_defaults():
+    details = {
+        "applications": {
+            "transcription": _app("RUNNING", _deployment("TranscriptionIngress", "RUNNING", "RUNNING")),
+            "belle2": _app("RUNNING", _deployment("Belle2Transcriber", "RUNNING", max_ongoing_requests=8, max_queued_requests=16)),
+            "whisperx": _app("RUNNING", _deployment("WhisperXTranscriber", "RUNNING", "RUNNING", "STOPPING", max_ongoing_requests=4, max_queued_requests=2)),
+        }
+    }
+    capacity = ModelCapacity.from_serve(details, "transcription", ["belle2", "whisperx", "missing"])
+    assert capacity.ingress_replicas == 2
+    assert capacity.apps == {"belle2": AppCapacity(1, 8, 16), "whisperx": AppCapacity(2, 4, 2), "missing": AppCapacity(0, 0, 0)}
+    assert capacity.per_ingress_replica == (8 + 8) // 2 + 16 + 2
+    # options left unset take Serve's defaults: an unbounded queue means no capacity limit
+    details["applications"]["belle2"] = _app("RUNNING", _deployment("Belle2Transcriber", "RUNNING"))
+    assert ModelCapacity.from_serve(details, "transcription", ["belle2"]).per_ingress_replica is None
 
 
 # -- live ------------------------------------------------------------------------------------
@@ -124,6 +153,33 @@ def _probe_apps(serve_cluster) -> list:
         ingress["deployments"][0]["ray_actor_options"] = {"num_cpus": 0}
         probes.append(ingress)
     return probes
+
+
+@pytest.mark.slow
+def test_status_and_capacity_read_serves_dict_without_building_its_models(serve_cluster, monkeypatch):
+    """The ingress reads Serve's details in threads; building Serve's pydantic models there
+    raced (see `serve_details`). On the live cluster's own dict: they read right and build none."""
+    from ray import cloudpickle
+    from ray.serve.schema import ServeInstanceDetails
+
+    from serve_app.admission import serve_details
+
+    details = serve_details()
+
+    def no_registration(module):
+        raise AssertionError(f"registered {module} for pickle by value")
+
+    monkeypatch.setattr(cloudpickle, "register_pickle_by_value", no_registration)
+    with pytest.raises(AssertionError, match="pickle by value"):
+        ServeInstanceDetails(**details)  # what serve.status() does, and why it is not used
+    states = {name: _app_state(app) for name, app in details["applications"].items()}
+    assert {name: state.running for name, state in states.items() if name in ("transcription", "belle2", "whisperx")} == {
+        "transcription": True, "belle2": True, "whisperx": True}
+    expected = 0
+    for name in ("belle2", "whisperx"):
+        (dep,) = serve_cluster.app_config(name)["deployments"]
+        expected += dep["max_ongoing_requests"] + dep["max_queued_requests"]
+    assert ModelCapacity.from_serve(details, "transcription", ["belle2", "whisperx"]).per_ingress_replica == expected
 
 
 def _stalled_upload(base_url: str, path: str):
