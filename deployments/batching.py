@@ -73,6 +73,7 @@ class CrossRequestBatcher:
             queued yet, so a lone request never waits.
         name: For log lines and the runner thread's name.
         thread_setup: Called once in the runner thread before its first batch (CPU threads).
+        on_batch: Called with the number of items after each successful model call (metrics).
     """
 
     def __init__(
@@ -83,6 +84,7 @@ class CrossRequestBatcher:
         max_wait_ms: float,
         name: str = "model",
         thread_setup: Optional[Callable[[], None]] = None,
+        on_batch: Optional[Callable[[int], None]] = None,
     ):
         if max_batch_size < 1:
             raise ValueError(f"Got max_batch_size={max_batch_size}; expected >= 1.")
@@ -91,6 +93,7 @@ class CrossRequestBatcher:
         self.max_wait_s = max(0.0, max_wait_ms) / 1000
         self._name = name
         self._thread_setup = thread_setup
+        self._on_batch = on_batch
         self._lock = threading.Condition()
         self._queue: Deque[_Entry] = collections.deque()
         self._joined: Dict[int, int] = {}  # id of a joined request's marker -> queued entries
@@ -247,6 +250,11 @@ class CrossRequestBatcher:
             return
         run_ms = (time.monotonic() - started) * 1000
         self.stats.record(len(items), requests, waited_ms, run_ms)
+        if self._on_batch is not None:
+            try:
+                self._on_batch(len(items))
+            except Exception:  # a metric must not fail the batch
+                logger.exception("on_batch failed.")
         if len(requests) > 1:
             logger.info("Decoded %d windows of %d requests in one batch (%s) in %.0f ms.", len(items), len(requests), requests, run_ms)
         position = 0

@@ -10,7 +10,8 @@ A model plug-in is a `ModelCore` subclass that declares its `spec` and `Args` an
 - options parsed once, those the spec does not honour refused (`UnsupportedOptionError`), never dropped;
 - text post-processing for every model (repetition guard, Chinese script: `deployments/text.py`);
 - the result envelope (`TranscriptionResult`), model info, the pinned-decode report;
-- `info()`, `check_health()` and `memory()`.
+- `info()`, `check_health()` and `memory()`;
+- what decoding did, counted for the replica's metrics (`DecodeEvents`).
 
 It imports the standard library, numpy and pydantic only, so the model core runs without Ray
 or Serve (bench/, the GPU check); `deployments/replica.py` puts a core behind Serve.
@@ -19,16 +20,21 @@ or Serve (bench/, the GPU check); `deployments/replica.py` puts a core behind Se
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import importlib.metadata
 import logging
+import math
 import os
 import platform
 import sys
 import threading
 import time
+import wave
+from pathlib import Path
 from typing import Any, ClassVar, List, Mapping, Optional, Tuple, Type, Union
 
 import numpy as np
@@ -74,6 +80,10 @@ class ModelAppArgs(BaseModel):
         "many tokens, once, at one temperature, none skipped as silence; results say so in `warnings` "
         "(deployments/pinned_decode.py). None decodes normally.",
     )
+    health_decode_interval_s: float = Field(
+        60.0, ge=0, description="Serve's health check decodes a short clip when no decode succeeded for this long "
+        "(a request's batch counts); 0: the check only asks whether the model is loaded.",
+    )
 
     @field_validator("device")
     @classmethod
@@ -117,6 +127,37 @@ class DecodeRequest:
     """With `pinned_decode_tokens`: append the tokens each window decoded."""
 
 
+class DecodeEvents:
+    """What decoding did, event by event, for the replica's metrics (`deployments/metrics.py`
+    records them in Prometheus). Counted in memory here, so a core without Ray (bench, the GPU
+    check, tests) counts too. Called from request threads and the batch runner alike."""
+
+    WINDOWS = "windows"
+    """Windows (up to 30 s of audio each) the model decoded."""
+    NO_SPEECH_WINDOWS = "no_speech_windows"
+    """Windows that decoded to no text (silence, or skipped as no speech)."""
+    TEMPERATURE_RETRIES = "temperature_retries"
+    """Windows decoded again at a higher temperature (temperature fallback)."""
+    REPETITION_COLLAPSES = "repetition_collapses"
+    """Segments whose repetition loop the text guard cut (`deployments/text.py`)."""
+
+    def __init__(self):
+        self.counts: collections.Counter = collections.Counter()
+        self.batch_sizes: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()
+
+    def count(self, event: str, n: int = 1) -> None:
+        if n > 0:
+            with self._lock:
+                self.counts[event] += n
+
+    def batch(self, size: int) -> None:
+        """One model call on `size` windows."""
+        with self._lock:
+            self.batch_sizes[size] += 1
+            self.counts[self.WINDOWS] += size
+
+
 class ModelCore:
     """A loaded model and the shared pipeline around it; subclass it for a model plug-in.
 
@@ -139,10 +180,17 @@ class ModelCore:
 
     batcher: Optional[CrossRequestBatcher] = None
     """Set in `load` by a plug-in that batches windows across requests (`batched`)."""
+    events: DecodeEvents
+    """What decoding did; the replica swaps in one that also records metrics."""
 
     def __init__(self, args: Union[ModelAppArgs, Mapping[str, Any], None] = None, *, gpu_fraction: Optional[float] = None):
         self.args = args if isinstance(args, self.Args) else self.Args.model_validate(dict(args or {}))
         self.start_warnings: List[str] = []
+        self.events = DecodeEvents()
+        self.decoded_at = -math.inf
+        """When a decode last succeeded (monotonic seconds): a batch, or a whole request's."""
+        self.health_decodes = 0
+        """Decodes the health check ran (`check_health`)."""
         configure_offline(self.args.model_cache)
         started = time.perf_counter()
         self.device = resolve_device(self.args.device)
@@ -202,6 +250,17 @@ class ModelCore:
         peak, as this plug-in's allocator counts them. Only called on a GPU."""
         raise NotImplementedError
 
+    def gpu_memory(self) -> Optional[Tuple[int, int]]:
+        """(GPU bytes this replica's model holds, GPU bytes its share allows); None without a GPU.
+        torch's allocator's reserved bytes: a plug-in whose engine allocates outside torch
+        overrides it."""
+        if self.device != "cuda":
+            return None
+        import torch
+
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        return torch.cuda.memory_reserved(), int(self.gpu_share * total)
+
     def decode_threads(self) -> int:
         """CPU threads each decoding thread runs on (0: the library's default)."""
         return self.args.cpu_threads if self.device == "cpu" else 0
@@ -231,6 +290,7 @@ class ModelCore:
         set_torch_threads(self.decode_threads())  # worker threads start from OMP_NUM_THREADS
         with self.batcher.joined() if self.batcher is not None else contextlib.nullcontext():
             decoded = self.decode(request)
+        self.decoded_at = time.monotonic()
         return self.envelope(request, decoded)
 
     def batched(self, run: Any, *, name: Optional[str] = None) -> CrossRequestBatcher:
@@ -243,7 +303,12 @@ class ModelCore:
             max_wait_ms=self.args.batch_wait_ms,
             name=name or self.spec.name,
             thread_setup=lambda: set_torch_threads(threads),
+            on_batch=self._batch_done,
         )
+
+    def _batch_done(self, size: int) -> None:
+        self.decoded_at = time.monotonic()
+        self.events.batch(size)
 
     def decode_together(self, key: Any, items: List[Any]) -> List[Any]:
         """`items` decoded by `self.batcher`, with other requests' items of the same `key`.
@@ -293,7 +358,8 @@ class ModelCore:
     def envelope(self, request: DecodeRequest, decoded: Decoded) -> TranscriptionResult:
         """The result: cleaned text, duration, warnings, model info (and the pin, if any)."""
         segments = self.text(
-            decoded.segments, language=decoded.language, script=request.options.script, warnings=request.warnings
+            decoded.segments, language=decoded.language, script=request.options.script, warnings=request.warnings,
+            on_collapse=lambda n: self.events.count(DecodeEvents.REPETITION_COLLAPSES, n),
         )
         model_info = self.model_info()
         if self.args.pinned_decode_tokens:
@@ -367,13 +433,51 @@ class ModelCore:
         )
 
     def check_health(self) -> None:
+        """Serve's health check: raises unless the model can decode.
+
+        A decode that succeeded within `health_decode_interval_s` (a batch of any request's
+        windows, or the last check's) is proof enough, so a busy replica decodes nothing extra;
+        otherwise `HEALTH_CLIP_SECONDS` of `SPEECH_CLIP` is decoded (in the batcher's queue, like
+        any request). Runs in a worker thread (`ModelReplica.check_health`).
+
+        Raises:
+            ModelUnavailableError: The model is not loaded, or its decode failed.
+        """
         if not getattr(self, "_loaded", False):
             raise ModelUnavailableError(f"{self.spec.name} model not loaded.")
+        interval = self.args.health_decode_interval_s
+        if not interval or time.monotonic() - self.decoded_at < interval:
+            return
+        try:
+            self.transcribe(read_speech_clip()[: int(HEALTH_CLIP_SECONDS * SAMPLE_RATE)])
+        except Exception as e:
+            logger.exception("The health-check decode failed.")
+            raise ModelUnavailableError(f"{self.spec.name} cannot decode: {type(e).__name__}: {e}") from e
+        self.health_decodes += 1
 
     def warn_at_start(self, message: str) -> None:
         """Logs `message` loudly and lists it in `info()`'s warnings for the replica's lifetime."""
         logger.warning("%s", message)
         self.start_warnings.append(message)
+
+
+HEALTH_CLIP_SECONDS = 1.5
+"""The health check decodes this much of `SPEECH_CLIP`, with the app's default options (any
+option could be one a plug-in's spec does not honour)."""
+
+SPEECH_CLIP = Path(__file__).with_name("assets") / "speech_zh.wav"
+"""5 s of read Mandarin (PaddleSpeech's zh.wav, Apache-2.0; deployments/assets/README.md):
+what the BELLE-2 warm-up self-check and every model's health-check decode hear."""
+
+
+@functools.lru_cache(maxsize=1)
+def read_speech_clip() -> np.ndarray:
+    """`SPEECH_CLIP` as 16 kHz mono float32 (stdlib `wave`: no PyAV needed in any env)."""
+    with wave.open(str(SPEECH_CLIP), "rb") as f:
+        if (f.getnchannels(), f.getsampwidth(), f.getframerate()) != (1, 2, SAMPLE_RATE):
+            raise ValueError(f"{SPEECH_CLIP} must be 16-bit mono {SAMPLE_RATE} Hz.")
+        frames = f.readframes(f.getnframes())
+    return np.frombuffer(frames, dtype="<i2").astype(np.float32) / 32768.0
 
 
 # -- helpers every env can use (stdlib and numpy; torch imported where needed) --------------------

@@ -9,6 +9,7 @@ an exception class from torch or transformers would not unpickle in the ingress 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -27,6 +28,8 @@ from deployments.contract import (
     TranscriptionResult,
 )
 from deployments.core import ModelCore, TranscriptionCancelled, import_core, process_memory, release_free_memory, run_cancellable
+from deployments.logs import send_to_serve_logs
+from deployments.metrics import ReplicaMetrics
 from deployments.runtime import assigned_gpu_fraction, check_environment, publish_spec
 
 logger = logging.getLogger(__name__)
@@ -38,8 +41,13 @@ class ModelReplica:
     """One replica of a model app. Subclass it only to add handle methods of a model's own."""
 
     def __init__(self, core: str, args: Optional[dict] = None):
+        send_to_serve_logs("deployments")
         self._versions = check_environment()
         self.core: ModelCore = import_core(core)(args, gpu_fraction=assigned_gpu_fraction() or None)
+        self.metrics = ReplicaMetrics()
+        self.core.events = self.metrics  # from here on; the warm-up's decodes are not service
+        self.metrics.loaded(self.core.load_time_s)
+        self.metrics.gpu_memory(self.core.gpu_memory())
         publish_spec(serve.get_replica_context().app_name, self.spec())
         self._replica = serve.get_replica_context().replica_tag
         self._in_flight = 0
@@ -59,17 +67,29 @@ class ModelReplica:
         """
         self._in_flight += 1
         REQUEST_ID.set(serve_request_id())  # this request's task only; batch log lines list it
+        started = time.perf_counter()
         try:
             result = await run_cancellable(self._decode, audio, options)
             self._served += 1
+            if result is not None:
+                self._record(result, time.perf_counter() - started)
             return result
-        except _CONTRACT_ERRORS:
+        except _CONTRACT_ERRORS as e:
+            self.metrics.request_failed(type(e).__name__)
             raise
         except Exception as e:
             logger.exception("Transcription failed.")
+            self.metrics.request_failed(ModelFailedError.__name__)
             raise ModelFailedError(f"{type(e).__name__}: {e}") from None
         finally:
             self._in_flight -= 1
+
+    def _record(self, result: TranscriptionResult, seconds: float) -> None:
+        audio_s = result["duration"]
+        self.metrics.request_done(audio_s, seconds)
+        self.metrics.gpu_memory(self.core.gpu_memory())
+        logger.info("Transcribed %.1f s of audio in %.2f s (real-time factor %.3f), %d segments.",
+                    audio_s, seconds, seconds / audio_s if audio_s else 0.0, len(result["segments"]))
 
     def _decode(self, audio: np.ndarray, options: Optional[dict]) -> Optional[TranscriptionResult]:
         """`core.transcribe` in the worker thread, counted: Serve stops counting a cancelled
@@ -92,8 +112,8 @@ class ModelReplica:
 
     def activity(self) -> dict:
         """This replica's id, requests in flight (Serve's view) and served since start, decodes
-        still running in threads, decodes stopped by a cancellation since start, and this
-        process's CPU seconds."""
+        still running in threads, decodes stopped by a cancellation since start, decodes its
+        health checks ran, and this process's CPU seconds."""
         with self._counts:
             return {
                 "replica": self._replica,
@@ -101,6 +121,7 @@ class ModelReplica:
                 "served": self._served,
                 "decoding": self._decoding,
                 "cancelled": self._cancelled,
+                "health_decodes": self.core.health_decodes,
                 "cpu_seconds": time.process_time(),
             }
 
@@ -130,8 +151,10 @@ class ModelReplica:
         """
         return process_memory(reset_peak)
 
-    def check_health(self) -> None:
-        self.core.check_health()
+    async def check_health(self) -> None:
+        """Serve calls it every `health_check_period_s`; it may decode (`ModelCore.check_health`),
+        so in a thread: the replica's event loop keeps answering meanwhile."""
+        await asyncio.to_thread(self.core.check_health)
 
 
 def serve_request_id() -> str:

@@ -7,7 +7,7 @@ a new model gets both without code of its own. Pure Python plus OpenCC, no model
 from __future__ import annotations
 
 import re
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 # A unit of 1-30 characters repeated back to back; Whisper's degenerate loops look like this
 # ("谢谢谢谢谢谢…", "我们来看一下我们来看一下…").
@@ -83,8 +83,11 @@ class TextPostProcessor:
     def __init__(self, *, convert_script: bool = True):
         self._script = ScriptConverter() if convert_script else None
 
-    def __call__(self, segments: List[dict], *, language: Optional[str], script: str, warnings: List[str]) -> List[dict]:
-        """Cleaned copies of `segments` (words included); a warning when a loop was collapsed."""
+    def __call__(
+        self, segments: List[dict], *, language: Optional[str], script: str, warnings: List[str], on_collapse: Optional[Callable[[int], None]] = None
+    ) -> List[dict]:
+        """Cleaned copies of `segments` (words included); a warning when a loop was collapsed,
+        and `on_collapse` told how many segments had one."""
         convert = self._script is not None and (language or "") not in KEEP_HAN_LANGUAGES
         looped = 0
         out = []
@@ -98,4 +101,6 @@ class TextPostProcessor:
             out.append(seg)
         if looped:
             warnings.append(f"Collapsed a repetition loop in {looped} segment(s).")
+            if on_collapse is not None:
+                on_collapse(looped)
         return out

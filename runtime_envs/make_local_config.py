@@ -104,7 +104,9 @@ def local_config(
     if http_port is not None:
         config["http_options"]["port"] = http_port
     config["proxy_location"] = "HeadOnly"
-    config["logging_config"] = {"encoding": "TEXT", "log_level": "INFO"}
+    # JSON in the replicas' log files (each line with its request_id), as in production;
+    # the console keeps Serve's text lines.
+    config["logging_config"] = {"encoding": "JSON", "log_level": "INFO"}
     return config
 
 

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.contract import SAMPLE_RATE, InvalidOptionsError, ModelUnavailableError, TranscribeOptions
 from deployments.core import package_versions, process_memory, release_free_memory_soon, validate_audio
+from deployments.logs import send_to_serve_logs
 from deployments.runtime import check_environment
 from serve_app.admission import AdmitTranscriptions, Admission, ModelCapacity, serve_details
 from serve_app.audio import AudioReader
@@ -42,6 +43,8 @@ from serve_app.guards import ApiKeys, RequireApiKey, UploadLimits, configure
 from serve_app.langid import LanguageDetector, listen_points
 from serve_app.protocol import TranscriptionRequest
 from serve_app.routing import AUTO, ModelRouter
+from serve_app import metrics as ingress_metrics
+from serve_app.metrics import RecordRequests
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +82,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 api.add_middleware(UploadLimits)
 api.add_middleware(AdmitTranscriptions)
 api.add_middleware(RequireApiKey)
+api.add_middleware(RecordRequests)  # outermost: it sees the answers of those inside too
 
 
 @api.exception_handler(APIError)
@@ -117,6 +121,8 @@ async def _closing(events: AsyncIterator[bytes], stack: AsyncExitStack) -> Async
 class TranscriptionIngress:
     def __init__(self, settings: Optional[dict] = None):
         check_environment()
+        send_to_serve_logs("serve_app", "deployments")
+        ingress_metrics.install()
         self._settings = IngressSettings(**(settings or {}))
         self._router = ModelRouter(self._settings)
         self._detector = LanguageDetector(self._settings.language_id)
@@ -317,6 +323,7 @@ class TranscriptionIngress:
         upload = self._spooled_upload(request)
         opts = request.to_transcribe_options(task=task)
         timings: Dict[str, float] = {}
+        ingress_metrics.note_request(response_format=request.response_format, upload_bytes=request.file.size, timings=timings)
         stack = AsyncExitStack()
         transcription = await stack.enter_async_context(
             self._transcription(upload, request.model, opts, segmentation=request.segmentation, streaming=request.stream, timings=timings)
@@ -330,6 +337,7 @@ class TranscriptionIngress:
             # Serve adds its own handler for this exception to the app when the replica starts,
             # over ours, and it answers in plain text: answer it here.
             return error_response_for(e)
+        ingress_metrics.note_result(finished.body)
         headers = {MODEL_HEADER: finished.body["model"] or "", "Server-Timing": server_timing(timings)}
         if finished.fallback:
             headers[FALLBACK_HEADER] = finished.fallback

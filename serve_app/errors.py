@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -186,6 +187,11 @@ def error_response_for(exc: BaseException) -> JSONResponse:
         )
     logger.exception("Unhandled error", exc_info=exc)
     return create_error_response(500, f"Internal error: {type(exc).__name__}", type="server_error")
+
+
+def error_code(exc: BaseException) -> str:
+    """The stable `code` a client would get for `exc` ("error" where the answer has none)."""
+    return json.loads(error_response_for(exc).body)["error"]["code"] or "error"
 
 
 def _replica_lost(exc: BaseException) -> bool:

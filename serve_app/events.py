@@ -16,6 +16,7 @@ import json
 import logging
 from typing import AsyncIterator
 
+from serve_app import metrics
 from serve_app.errors import error_response_for
 from serve_app.transcription import Finished, PieceDone, Transcription
 
@@ -40,10 +41,13 @@ async def stream_events(transcription: Transcription) -> AsyncIterator[dict]:
                 yield {"type": "transcript.progress", "done_seconds": round(event.done_s, 3),
                        "total_seconds": None if event.total_s is None else round(event.total_s, 3), "model": event.model}
             elif isinstance(event, Finished):
+                metrics.note_result(event.body)
                 yield {"type": "transcript.text.done", **event.body, "fallback": event.fallback}
     except Exception as e:  # the answer has started: the error becomes the last event
         logger.warning("A streamed transcription failed after it started: %s", e)
-        yield {"type": "error", **json.loads(error_response_for(e).body)}
+        error = json.loads(error_response_for(e).body)
+        metrics.note_error(error["error"]["code"])
+        yield {"type": "error", **error}
 
 
 async def sse_stream(transcription: Transcription) -> AsyncIterator[bytes]:

@@ -9,6 +9,7 @@ from typing import Dict, List, NamedTuple, Optional
 import numpy as np
 
 from deployments.contract import SAMPLE_RATE
+from serve_app import metrics
 from serve_app.config import LanguageIdSettings
 from serve_app.stretches import LanguageRun, Stretch, excerpt, language_runs, speech_stretches
 
@@ -73,10 +74,13 @@ class LanguageDetector:
 
     def _identify(self, clips: List[np.ndarray]) -> List[DetectedLanguage]:
         """The language of each clip (all of one length), in one encoder pass."""
+        started = time.perf_counter()
         extractor = self._model.feature_extractor
         features = np.stack([extractor(clip)[:, : extractor.nb_max_frames] for clip in clips])
         encoded = self._model.encode(features)
-        return [DetectedLanguage(ranked[0][0][2:-2], float(ranked[0][1])) for ranked in self._model.model.detect_language(encoded)]
+        detected = [DetectedLanguage(ranked[0][0][2:-2], float(ranked[0][1])) for ranked in self._model.model.detect_language(encoded)]
+        metrics.language_id(time.perf_counter() - started, [d.probability for d in detected])
+        return detected
 
     def runs(self, audio: np.ndarray) -> List[LanguageRun]:
         """`audio` (a piece) as runs of one language (`serve_app/stretches.py`)."""

@@ -25,7 +25,9 @@ from deployments.contract import (
     unhonoured_options,
     without_options,
 )
+from serve_app import metrics
 from serve_app.config import AUTO_NAMES, IngressSettings, ModelName
+from serve_app.errors import error_code
 
 logger = logging.getLogger(__name__)
 
@@ -247,6 +249,7 @@ class ModelRouter:
                 raise
             reason = _describe(e)
             logger.warning("Falling back from %s to %s: %s", model, fallback, reason)
+            metrics.fallback(model, fallback, error_code(e))
             warning = f"{model} could not serve this request ({reason}); it was served by {fallback} instead."
             routed = await self._transcribe_with(fallback, fallback_spec, audio, opts, why=f"fallback from {model}", fell_back=True)
             return routed._replace(warnings=[warning, *routed.warnings])
@@ -332,7 +335,12 @@ def _app_state(app: dict) -> AppState:
     # A failing deployment's message holds the replica's traceback; the app's only names it.
     messages = [d.get("message") for d in deployments if d.get("status") != "HEALTHY"] + [app.get("message")]
     message = next((_last_line(m) for m in messages if m and m.strip()), "")
-    return AppState(running, str(app.get("status", "UNKNOWN")), message)
+    return AppState(running, _enum_value(app.get("status", "UNKNOWN")), message)
+
+
+def _enum_value(value) -> str:
+    # the details dict holds Serve's str enums (ApplicationStatus.RUNNING), not their names
+    return str(getattr(value, "value", value))
 
 
 def _last_line(text: str) -> str:

@@ -11,6 +11,10 @@ Prints one JSON object (the last line of stdout). Scenarios:
 - version_guard: transformers treated as unverified: the speed-ups stay off, loudly.
 - broken_shortcut: the cross-attention shortcut deliberately wrong: the warm-up self-check turns
   the shortcuts off, loudly, and the output is transformers' own.
+- decode_events: what the core counts for the replica's metrics (`DecodeEvents`) on a clip, the
+  clip reversed, a hum shaped like it and one syllable of it looped (`tests/signals.py`):
+  windows, windows that decoded to no text, windows decoded again at a higher temperature,
+  repetition loops collapsed.
 """
 
 from __future__ import annotations
@@ -91,6 +95,21 @@ def main(scenario: str, clips: list) -> dict:
         segments = {c: broken.transcribe(load_clip(c))["segments"] for c in clips}
         return {"counts_at_start": before, "counts_after": broken.speedup_counts(), "warnings": broken.info()["warnings"],
                 "shortcuts_enabled": broken.speedups.shortcuts_enabled, "segments": segments}
+    if scenario == "decode_events":
+        from tests.signals import looped_syllable, reversed_speech, speech_shaped_hum
+
+        speech = load_clip(clips[0])
+        counted = core(onednn_linears=False)
+        out = {}
+        greedy = TranscribeOptions(temperature=(0.0,)).to_dict()
+        for name, audio, opts in (("speech", speech, None), ("reversed", reversed_speech(speech), None),
+                                  ("hum", speech_shaped_hum(speech), None), ("loop", looped_syllable(speech), greedy)):
+            before = dict(counted.events.counts)
+            result = counted.transcribe(audio, opts)
+            out[name] = {"windows": len(counted.windows(audio)), "text": "".join(s["text"] for s in result["segments"]), "warnings": result["warnings"],
+                         "counts": {k: v - before.get(k, 0) for k, v in counted.events.counts.items()}}
+        out["batch_sizes"] = dict(counted.events.batch_sizes)
+        return out
     raise SystemExit(f"unknown scenario {scenario!r}")
 
 

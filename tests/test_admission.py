@@ -108,9 +108,15 @@ def test_app_state_carries_serves_status_and_the_last_line_of_its_message():
         message="The deployments ['Belle2Transcriber'] are UNHEALTHY.",
     )
     state = _app_state(failed)
-    assert not state.running
+    assert not state.running and state.status == "DEPLOY_FAILED"
     assert state.reason() == "application status DEPLOY_FAILED: OSError: /missing is not a folder"
     assert _app_state(_app("RUNNING", _deployment("WhisperXTranscriber", "STARTING", "RUNNING"))) == (True, "RUNNING", "")
+    # the controller's dict holds Serve's str enums: read as their values
+    from ray.serve._private.common import ReplicaState
+    from ray.serve.schema import ApplicationStatus
+
+    enums = _app(ApplicationStatus.RUNNING, _deployment("WhisperXTranscriber", ReplicaState.RUNNING))
+    assert _app_state(enums) == (True, "RUNNING", "")
 
 
 def test_capacity_reads_serves_details_dict_with_serves_defaults():

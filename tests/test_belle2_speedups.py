@@ -32,6 +32,7 @@ SCENARIOS = {
     "float16": FLOAT16_CLIPS,
     "version_guard": ["zh_aishell1_BAC009S0724W0121.flac"],
     "broken_shortcut": ["zh_aishell1_BAC009S0724W0121.flac"],
+    "decode_events": ["zh_paddlespeech_zh.flac"],
 }
 
 
@@ -88,3 +89,18 @@ def test_a_broken_shortcut_is_caught_by_the_self_check_and_turned_off(probes):
     assert out["counts_after"] == out["counts_at_start"], "a shortcut still applied after it was turned off"
     (segments,) = out["segments"].values()
     assert "广州" in "".join(s["text"] for s in segments)
+
+
+def test_the_core_counts_windows_silence_and_temperature_retries(probes):
+    """What the replica's metrics are made of, counted where transformers decides."""
+    events = probes["decode_events"]
+    speech, reversed_, hum, loop = events["speech"], events["reversed"], events["hum"], events["loop"]
+    for run in (speech, reversed_, hum, loop):
+        assert run["windows"] == 1 and run["counts"]["windows"] == 1, run
+    assert speech["text"] and speech["counts"].get("temperature_retries", 0) == 0 and speech["counts"].get("no_speech_windows", 0) == 0, speech
+    # the greedy pass over reversed speech fails the log-probability threshold: decoded again
+    assert reversed_["counts"]["temperature_retries"] >= 1, reversed_
+    assert hum["text"] == "" and hum["counts"]["no_speech_windows"] == 1, hum
+    assert loop["counts"]["repetition_collapses"] == 1 and "Collapsed a repetition loop in 1 segment(s)." in loop["warnings"], loop
+    assert speech["counts"].get("repetition_collapses", 0) == 0
+    assert events["batch_sizes"] == {"1": 4}

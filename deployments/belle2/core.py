@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import wave
-from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional
 
 import numpy as np
@@ -21,7 +19,7 @@ from deployments.belle2.speedups import Speedups
 from deployments.belle2.windows import Window, plan_windows, remaining_window
 from deployments.belle2.words import FRAMES_PER_SECOND, alignment_heads, recorded_cross_attention, timed_words, token_times
 from deployments.contract import SAMPLE_RATE, WORDS_FROM_CROSS_ATTENTION, ModelInfo, ModelSpec, Segment, TranscribeOptions
-from deployments.core import BatchedModelArgs, Decoded, DecodeRequest, ModelCore, resolve_compute_type, set_torch_threads, spec_options, stop_if_cancelled
+from deployments.core import SPEECH_CLIP, BatchedModelArgs, Decoded, DecodeEvents, DecodeRequest, ModelCore, read_speech_clip, resolve_compute_type, set_torch_threads, spec_options, stop_if_cancelled
 from deployments.pinned_decode import transformers_generate_kwargs, transformers_window_tokens
 from deployments.vad import VadOptions, speech_timestamps
 
@@ -33,9 +31,8 @@ WINDOW_SECONDS = 30
 FOLLOW_UP_MIN_SPEECH_S = 0.5
 MAX_FOLLOW_UPS = 2
 WARMUP_TOKENS = 8
-CHECK_CLIP = Path(__file__).with_name("selfcheck_zh.wav")
-"""5 s of read Mandarin (PaddleSpeech's zh.wav, Apache-2.0; tests/data/README.md) for the
-warm-up self-check of the speed-ups."""
+CHECK_CLIP = SPEECH_CLIP
+"""The warm-up self-check of the speed-ups decodes it."""
 
 
 class Belle2Args(BatchedModelArgs):
@@ -134,7 +131,7 @@ class Belle2Core(ModelCore):
 
     def warm_up(self) -> None:
         if self.speedups.needs_check:  # decodes real speech: a warm-up too
-            clip = read_check_clip()
+            clip = read_speech_clip()
             # Two different windows, beam 2: every shortcut has something to share or skip.
             chunks, opts = [clip, clip[: clip.size * 3 // 5]], TranscribeOptions(beam_size=2)
             # A pinned decode has no no-speech check, so that shortcut has nothing to skip there.
@@ -155,7 +152,7 @@ class Belle2Core(ModelCore):
         decoder's length limit, then their word-time pass (which runs in the request's thread,
         beside the next batch): the peak of the first plus what the second adds."""
         cuda = self._torch.cuda if self.device == "cuda" else None  # on CPU: the same work, 0 bytes (the GPU check's dry run)
-        window = np.resize(read_check_clip(), WINDOW_SECONDS * SAMPLE_RATE)
+        window = np.resize(read_speech_clip(), WINDOW_SECONDS * SAMPLE_RATE)
         chunks = [window] * self.args.batch_size
         opts = TranscribeOptions(beam_size=self.args.max_beam_size, temperature=(0.0,))
         longest = self._model.config.max_target_positions - 8  # room for the prompt tokens
@@ -200,6 +197,8 @@ class Belle2Core(ModelCore):
                 words = self.word_times(chunks, window_segments_list, opts) if opts.word_timestamps else [None] * len(batch)
                 for window, window_segments, window_words in zip(batch, window_segments_list, words):
                     placed = self._place(window, window_segments, audio.size, window_words)
+                    if not follow_up and not placed:
+                        self.events.count(DecodeEvents.NO_SPEECH_WINDOWS)
                     if follow_up:
                         placed = _from_speech_onset(placed, window, speech)
                     segments.extend(placed)
@@ -267,8 +266,14 @@ class Belle2Core(ModelCore):
             return_segments=True,
         )
         settings.update(overrides)
+        from transformers import LogitsProcessorList
+
+        retries = temperature_retry_counter()
+        settings["logits_processor"] = LogitsProcessorList([*(settings.get("logits_processor") or []), retries])
         with self._torch.inference_mode(), self.speedups.active():
-            return self._model.generate(features, **settings)
+            out = self._model.generate(features, **settings)
+        self.events.count(DecodeEvents.TEMPERATURE_RETRIES, retries.retried)
+        return out
 
     def _remaining(self, window: Window, placed: List[Segment], speech: List[dict]) -> Optional[Window]:
         if not placed:  # nothing decoded (silence, or skipped as no speech): the same again would be too
@@ -374,17 +379,38 @@ def _without_overlaps(segments: List[Segment]) -> List[Segment]:
     return out
 
 
+def temperature_retry_counter() -> Any:
+    """A logits processor counting the windows that transformers' Whisper `generate` decodes
+    again at a higher temperature (its fallback loop reports nothing). Each pass of that loop
+    starts over at the prompt's length, with one row per window it decodes again (sampling, so
+    no beams); the first pass is the decode itself."""
+    return _temperature_retry_counter_class()()
+
+
+@functools.lru_cache(maxsize=None)
+def _temperature_retry_counter_class() -> type:
+    from transformers import LogitsProcessor
+
+    class TemperatureRetryCounter(LogitsProcessor):
+        def __init__(self):
+            self.passes = 0
+            self.retried = 0
+            self._length: Optional[int] = None
+
+        def __call__(self, input_ids, scores):
+            length = input_ids.shape[-1]
+            if self._length is None or length <= self._length:
+                self.passes += 1
+                if self.passes > 1:
+                    self.retried += input_ids.shape[0]
+            self._length = length
+            return scores
+
+    return TemperatureRetryCounter
+
+
 def generate_key(opts: TranscribeOptions) -> TranscribeOptions:
     """What windows must share to be decoded in one `generate` call: transformers takes one task,
     beam width, temperature schedule and prompt per call (the language is always zh)."""
     return TranscribeOptions(task=opts.task, beam_size=opts.beam_size, temperature=opts.temperature, initial_prompt=opts.initial_prompt)
 
-
-@functools.lru_cache(maxsize=1)
-def read_check_clip() -> np.ndarray:
-    """The self-check clip as 16 kHz mono float32 (stdlib `wave`: no PyAV needed)."""
-    with wave.open(str(CHECK_CLIP), "rb") as f:
-        if (f.getnchannels(), f.getsampwidth(), f.getframerate()) != (1, 2, SAMPLE_RATE):
-            raise ValueError(f"{CHECK_CLIP} must be 16-bit mono {SAMPLE_RATE} Hz.")
-        frames = f.readframes(f.getnframes())
-    return np.frombuffer(frames, dtype="<i2").astype(np.float32) / 32768.0

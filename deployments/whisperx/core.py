@@ -11,13 +11,13 @@ import logging
 import os
 import tempfile
 import threading
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from pydantic import Field
 
 from deployments.contract import SAMPLE_RATE, WORDS_FROM_ALIGNER, WORDS_FROM_CROSS_ATTENTION, InvalidOptionsError, ModelInfo, ModelSpec, ModelUnavailableError, Segment, TranscribeOptions
-from deployments.core import BatchedModelArgs, Decoded, DecodeRequest, ModelCore, ct2_whisper, spec_options, stop_if_cancelled, tokenizers_prompt_tokenizer
+from deployments.core import BatchedModelArgs, Decoded, DecodeEvents, DecodeRequest, ModelCore, ct2_whisper, spec_options, stop_if_cancelled, tokenizers_prompt_tokenizer
 from deployments.pinned_decode import MAX_PINNED_DECODE_TOKENS, PinnedLengthWhisper, count_window_tokens, counting_window_tokens
 from deployments.whisperx.stages import (
     AlignModelCache,
@@ -173,6 +173,14 @@ class WhisperXCore(ModelCore):
     def describe(self) -> ModelInfo:
         return ModelInfo(engine="whisperx", compute_type=self._compute_type)
 
+    def gpu_memory(self) -> Optional[Tuple[int, int]]:
+        """CTranslate2 allocates outside torch: the card's use beyond what it was at load (with
+        another replica on the card, its allocations count too: NVML would be needed per process)."""
+        if self.device != "cuda":
+            return None
+        free, total = self._torch.cuda.mem_get_info()
+        return max(0, (total - free) - self._gpu_used_at_load), int(self.gpu_share * total)
+
     def prompt_tokenizer(self):
         return tokenizers_prompt_tokenizer(self._model.hf_tokenizer)
 
@@ -259,6 +267,7 @@ class WhisperXCore(ModelCore):
         decoded = self.decode_together(generate_key(options), [(features[i], prompt) for i in range(features.shape[0])])
         count_window_tokens(len(tokens) for tokens, _ in decoded)
         texts = tokenizer.tokenizer.decode_batch([[t for t in tokens if t < tokenizer.eot] for tokens, _ in decoded])
+        self.events.count(DecodeEvents.NO_SPEECH_WINDOWS, sum(1 for text in texts if not text.strip()))
         return {"text": texts, "avg_logprob": [logprob for _, logprob in decoded]}
 
     def _generate_batch(self, key: tuple, items: List[tuple]) -> List[tuple]:
