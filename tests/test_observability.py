@@ -13,7 +13,6 @@ decoded at temperature 0). Exempt: the GPU-memory panel (no GPU here) and the no
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import socket
@@ -21,12 +20,10 @@ import subprocess
 import tempfile
 import time
 import uuid
-import wave
 from pathlib import Path
 from typing import Dict, List
 
 import httpx
-import numpy as np
 import pytest
 
 from observability.dashboard import GPU_ONLY_METRICS, NOT_PROVOKED_IN_TESTS, build
@@ -138,16 +135,6 @@ def prometheus(serve_cluster):
         yield server
     finally:
         server.stop()
-
-
-def _wav(audio: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    with wave.open(out, "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(16_000)
-        f.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
-    return out.getvalue()
 
 
 def _post(url: str, audio: bytes, name: str = "clip.flac", headers=None, **form) -> httpx.Response:

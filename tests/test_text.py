@@ -83,7 +83,7 @@ def test_every_segment_with_chinese_script_is_converted_whatever_language_the_ca
 @pytest.mark.parametrize("path", ["deployments.whisperx.core:WhisperXCore", "deployments.belle2.core:Belle2Core", "deployments.fasterwhisper.core:FasterWhisperCore"])
 def test_every_model_core_guards_repetitions_and_converts_script(path):
     # The guard and OpenCC are the shared base's (ModelCore.envelope): no plug-in may go around them.
-    from deployments.core import Decoded, DecodeRequest, ModelCore, import_core
+    from deployments.core import Decoded, DecodeEvents, DecodeRequest, ModelCore, import_core
     from deployments.contract import TranscribeOptions
 
     core_class = import_core(path)
@@ -91,8 +91,10 @@ def test_every_model_core_guards_repetitions_and_converts_script(path):
     core = core_class.__new__(core_class)  # the envelope needs no model: no torch in this env
     core.args, core.device, core.load_time_s, core._compute_type = core_class.Args.model_validate({"model": "m"}), "cpu", 0.0, "float32"
     core.text = TextPostProcessor(convert_script=core.model_spec().script_choice)
+    core.events = DecodeEvents()
     request = DecodeRequest(np.zeros(16000, dtype=np.float32), TranscribeOptions())
     looping = Decoded(segments=[{"start": 0.0, "end": 1.0, "text": "thank you " * 12}, {"start": 1.0, "end": 2.0, "text": "歡迎"}], language="en")
     result = core.envelope(request, looping)
     assert [s["text"] for s in result["segments"]] == ["thank you thank you ", "欢迎"]
     assert any("repetition loop" in w for w in result["warnings"])
+    assert core.events.counts == {DecodeEvents.REPETITION_COLLAPSES: 1}  # what the replica's metric counts
