@@ -57,7 +57,7 @@ def measure(requests: int) -> dict:
         rounds.append((time.perf_counter() - started) / requests)
 
     detector = LanguageDetector(LanguageIdSettings(model=str(ROOT / "models" / "faster-whisper-base"), local_files_only=True, cpu_threads=1))
-    audio = decode_audio((ROOT / "tests" / "data" / "zh_paddlespeech_zh.flac").read_bytes())
+    audio = decode_audio((ROOT / "tests" / "data" / "zh_paddlespeech_zh.flac").read_bytes(), max_seconds=3600)
     detector.detect(audio)
     langid = []
     for _ in range(5):
