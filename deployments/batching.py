@@ -100,6 +100,8 @@ class CrossRequestBatcher:
         self._runner: Optional[threading.Thread] = None
         self._free_since = 0.0
         """When the runner finished its last batch (monotonic seconds)."""
+        self.busy_since: Optional[float] = None
+        """When the model call running now started (monotonic seconds); None between calls."""
         self.stats = BatchStats()
 
     # -- callers' side ---------------------------------------------------------------------------
@@ -183,7 +185,10 @@ class CrossRequestBatcher:
                 while not self._queue:
                     self._lock.wait()
                 batch = self._gather()
-            self._run_batch(batch)
+            try:
+                self._run_batch(batch)
+            finally:
+                self.busy_since = None
             self._free_since = time.monotonic()
 
     def _gather(self) -> List[tuple]:
@@ -231,7 +236,7 @@ class CrossRequestBatcher:
         items = [item for entry, first, stop in batch for item in entry.items[first:stop]]
         requests = sorted({entry.request_id for entry, _, _ in batch})
         waited_ms = (time.monotonic() - min(entry.enqueued for entry, _, _ in batch)) * 1000
-        started = time.monotonic()
+        started = self.busy_since = time.monotonic()
         try:
             outputs = list(self._run(key, items))
             if len(outputs) != len(items):

@@ -436,8 +436,9 @@ class ModelCore:
         """Serve's health check: raises unless the model can decode.
 
         A decode that succeeded within `health_decode_interval_s` (a batch of any request's
-        windows, or the last check's) is proof enough, so a busy replica decodes nothing extra;
-        otherwise `HEALTH_CLIP_SECONDS` of `SPEECH_CLIP` is decoded (in the batcher's queue, like
+        windows, or the last check's), or a model call running for less than that, is proof
+        enough, so a busy replica decodes nothing extra (a long CPU batch would hold a check
+        past Serve's timeout); otherwise `HEALTH_CLIP_SECONDS` of `SPEECH_CLIP` is decoded (in the batcher's queue, like
         any request). Runs in a worker thread (`ModelReplica.check_health`).
 
         Raises:
@@ -446,8 +447,12 @@ class ModelCore:
         if not getattr(self, "_loaded", False):
             raise ModelUnavailableError(f"{self.spec.name} model not loaded.")
         interval = self.args.health_decode_interval_s
-        if not interval or time.monotonic() - self.decoded_at < interval:
+        now = time.monotonic()
+        if not interval or now - self.decoded_at < interval:
             return
+        busy_since = self.batcher.busy_since if self.batcher is not None else None
+        if busy_since is not None and now - busy_since < interval:
+            return  # a model call is running, and not for long: a check would only queue behind it
         try:
             self.transcribe(read_speech_clip()[: int(HEALTH_CLIP_SECONDS * SAMPLE_RATE)])
         except Exception as e:

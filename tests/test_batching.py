@@ -215,3 +215,30 @@ def test_a_request_that_batches_alone_keeps_its_windows_together_but_shares_with
     assert out == {"busy": [0], "a": [10, 20], "b": [30]}
     assert sorted(sorted(items) for _, items in recorder.batches[1:]) == [[1, 2], [3]]
     assert all(key == "k" for key, _ in recorder.batches)  # `run` still gets the plain key
+
+
+def test_the_batcher_says_when_its_running_call_began_and_counts_each_call():
+    """What the health check reads (a call running, not for long, vouches for the model) and
+    what the replica's metrics count (on_batch)."""
+    release, started = threading.Event(), threading.Event()
+    sizes: List[int] = []
+
+    def run(key, items):
+        started.set()
+        release.wait(10)
+        return items
+
+    batcher = CrossRequestBatcher(run, max_batch_size=4, max_wait_ms=0, on_batch=sizes.append)
+    assert batcher.busy_since is None
+    caller = threading.Thread(target=batcher.submit, args=("k", [1, 2, 3]))
+    caller.start()
+    assert started.wait(10)
+    assert batcher.busy_since is not None
+    release.set()
+    caller.join(10)
+    # the caller has its results before the runner clears the mark: give it a moment
+    for _ in range(100):
+        if batcher.busy_since is None:
+            break
+        threading.Event().wait(0.05)
+    assert batcher.busy_since is None and sizes == [3]

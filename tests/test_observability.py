@@ -188,6 +188,7 @@ def _provoke_everything(serve_cluster, data_dir) -> Dict[str, object]:
         time.sleep(1)
         r = _post(f"{url}/{PROBE}", zh, "zh.flac")
         assert r.status_code == 503 and r.json()["error"]["code"] == "ingress_overloaded", r.text
+        assert r.headers.get("X-Request-Id"), r.headers  # a refusal carries its id too
     finally:
         holder.close()
     return seen
