@@ -67,7 +67,7 @@ LATENCY = Row(title="Latency", id=101, panels=[
           description="Seconds from a request's arrival to the end of its answer (a stream's included): p50, p95, p99.",
           targets=[Target(expr=_quantile(q, "ray_klipnote_request_seconds"), legend=f"p{int(q * 100)}") for q in (0.5, 0.95, 0.99)]),
     Panel(id=8, title="Time per stage (p95)", unit="s", stack=False, fill=0,
-          description="Per request: opening the upload (open), language ID (langid, langid_stretches) and waiting for the model apps (model).",
+          description="Per request: opening the upload (open), decoding it (decode), language ID (langid, langid_stretches) and waiting for the model apps (model).",
           targets=[Target(expr=_quantile(0.95, "ray_klipnote_stage_seconds", "stage"), legend="{{stage}}")]),
     Panel(id=9, title="Language ID", unit="short", stack=False, fill=0,
           description="Seconds per language-ID pass (p95), and the median probability of the language it heard: a falling median means unsure routing.",

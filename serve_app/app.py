@@ -443,6 +443,7 @@ class TranscriptionIngress:
                 await feed.aclose()
             finally:  # also when the await is cancelled: the reader closes after the block it reads
                 if reader is not None:
+                    timings["decode"] = reader.decode_seconds
                     reader.close()
 
 

@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import threading
+import time
 from typing import BinaryIO, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
@@ -129,6 +130,8 @@ class AudioReader:
         self.declared_seconds = _declared_wav_seconds(self._head) or _declared_seconds(self._stream)
         """The length the container states, if it does (for progress and the truncation check)."""
         self.decoded_samples = 0
+        self.decode_seconds = 0.0
+        """Time spent decoding and resampling in `blocks()` so far (not while a block is out)."""
 
     def __enter__(self) -> "AudioReader":
         return self
@@ -187,6 +190,7 @@ class AudioReader:
         pending_size = 0
         self._take()
         held = True
+        resumed = time.perf_counter()
         try:
             for frame in self._container.decode(self._stream):
                 for out in resampler.resample(frame):
@@ -201,7 +205,9 @@ class AudioReader:
                     # The container is free while the block is out: a close may come meanwhile.
                     held = False
                     self._let_go()
+                    self.decode_seconds += time.perf_counter() - resumed
                     yield joined[: self._block]
+                    resumed = time.perf_counter()
                     self._take()
                     held = True
                     pending, pending_size = [joined[self._block :]], joined.size - self._block
@@ -226,6 +232,7 @@ class AudioReader:
                 raise
             self._warnings.append(f"{e} The transcript ends there.")
         last = np.concatenate(pending) if pending else np.zeros(0, np.float32)
+        self.decode_seconds += time.perf_counter() - resumed
         if last.size:
             yield last.astype(np.float32, copy=False)
 

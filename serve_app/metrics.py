@@ -71,7 +71,7 @@ class IngressMetrics:
             boundaries=LATENCY_BOUNDARIES, tag_keys=("route", "status_class"),
         )
         self.stage_seconds = Histogram(
-            "klipnote_stage_seconds", description="Seconds per request spent opening the upload (open), in language ID (langid, langid_stretches) and in the model apps (model).",
+            "klipnote_stage_seconds", description="Seconds per request spent opening the upload (open), decoding it to 16 kHz (decode), in language ID (langid, langid_stretches) and in the model apps (model).",
             boundaries=STAGE_BOUNDARIES, tag_keys=("stage",),
         )
         self.fallbacks = Counter(

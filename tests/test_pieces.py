@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import tempfile
+import time
 from contextlib import aclosing
 
 import av
@@ -60,8 +61,12 @@ def zh_70s() -> np.ndarray:
 
 def test_the_reader_gives_the_same_samples_from_a_path_a_spool_file_and_bytes_in_bounded_blocks(zh_70s):
     with AudioReader(ZH_70S, max_seconds=LIMIT_S, block_seconds=10) as reader:
-        blocks = list(reader.blocks())
+        blocks = []
+        for block in reader.blocks():
+            blocks.append(block)
+            time.sleep(0.25)  # a consumer's time is not decoding time (the `decode` stage's metric)
         assert reader.expected_seconds == pytest.approx(70.47, abs=0.01)
+        assert 0 < reader.decode_seconds < 1.5  # the consumer held the blocks for 2 s
     assert max(b.size for b in blocks) == 10 * SAMPLE_RATE and len(blocks) == 8
     assert np.array_equal(np.concatenate(blocks), zh_70s)
     # An HTTP upload is a spooled temporary file that has rolled over to disk.
