@@ -438,8 +438,9 @@ class ModelCore:
         A decode that succeeded within `health_decode_interval_s` (a batch of any request's
         windows, or the last check's), or a model call running for less than that, is proof
         enough, so a busy replica decodes nothing extra (a long CPU batch would hold a check
-        past Serve's timeout); otherwise `HEALTH_CLIP_SECONDS` of `SPEECH_CLIP` is decoded (in the batcher's queue, like
-        any request). Runs in a worker thread (`ModelReplica.check_health`).
+        past Serve's timeout); otherwise `HEALTH_CLIP_SECONDS` of `SPEECH_CLIP` is decoded (in
+        the batcher's queue, like any request). Runs in a worker thread
+        (`ModelReplica.check_health`).
 
         Raises:
             ModelUnavailableError: The model is not loaded, or its decode failed.

@@ -133,10 +133,6 @@ def install() -> None:
 # -- what the stages learn ------------------------------------------------------------------------
 
 
-def current() -> Optional[RequestRecord]:
-    return _RECORD.get()
-
-
 def note_request(*, response_format: str, upload_bytes: Optional[int], timings: Dict[str, float]) -> None:
     record = _RECORD.get()
     if record is not None:
