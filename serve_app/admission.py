@@ -183,7 +183,7 @@ class AdmitTranscriptions:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         admission = getattr(scope["app"].state, "admission", None) if scope["type"] == "http" else None
-        if admission is None or scope["method"] != "POST" or not route_path(scope).startswith(ADMITTED_PATHS):
+        if admission is None or not is_transcription(scope):
             await self.app(scope, receive, send)
             return
         with contextlib.ExitStack() as slot:
@@ -195,6 +195,11 @@ class AdmitTranscriptions:
                 await response(scope, receive, send)
                 return
             await self.app(scope, receive, send)
+
+
+def is_transcription(scope: Scope) -> bool:
+    """An HTTP request to a route that transcribes (`ADMITTED_PATHS`)."""
+    return scope["type"] == "http" and scope["method"] == "POST" and route_path(scope).startswith(ADMITTED_PATHS)
 
 
 def route_path(scope: Scope) -> str:

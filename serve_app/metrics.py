@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.metrics import KeptGauges
-from serve_app.admission import ADMITTED_PATHS, route_path
+from serve_app.admission import is_transcription, route_path
 
 logger = logging.getLogger(__name__)
 
@@ -184,10 +184,10 @@ class RecordRequests:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = route_path(scope) if scope["type"] == "http" else ""
-        if _metrics is None or not path or scope["method"] != "POST" or not path.startswith(ADMITTED_PATHS):
+        if _metrics is None or not is_transcription(scope):
             await self.app(scope, receive, send)
             return
+        path = route_path(scope)
         record = RequestRecord(route=path if path in ROUTES else "other")
         token = _RECORD.set(record)
         status = 500

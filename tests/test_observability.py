@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -29,6 +28,8 @@ import pytest
 from observability.dashboard import GPU_ONLY_METRICS, NOT_PROVOKED_IN_TESTS, build
 from runtime_envs.local_cluster import free_port
 from tests.conftest import ROOT
+from tests.test_admission import _stalled_upload
+from tests.test_hardening_live import _post
 from tests.signals import looped_syllable, reversed_speech
 
 DASHBOARD = ROOT / "observability" / "klipnote_grafana_dashboard.json"
@@ -137,10 +138,6 @@ def prometheus(serve_cluster):
         server.stop()
 
 
-def _post(url: str, audio: bytes, name: str = "clip.flac", headers=None, **form) -> httpx.Response:
-    return httpx.post(f"{url}/v1/audio/transcriptions", files={"file": (name, audio)}, data=form, headers=headers, timeout=600)
-
-
 def _probe_ingress(serve_cluster) -> dict:
     ingress = serve_cluster.app_config("transcription")
     ingress.update(name=PROBE, route_prefix=f"/{PROBE}")
@@ -181,10 +178,8 @@ def _provoke_everything(serve_cluster, data_dir) -> Dict[str, object]:
     # a fallback and a rejection, at the probe ingress
     r = _post(f"{url}/{PROBE}", zh, "zh.flac", response_format="verbose_json")
     assert r.status_code == 200 and r.headers["X-KlipNote-Fallback"] == "belle2->whisperx", r.text
-    holder = socket.create_connection(("127.0.0.1", serve_cluster.http_port), timeout=60)
-    try:  # headers and 20 bytes of a 10 MB upload: the probe's one slot, held
-        holder.sendall((f"POST /{PROBE}/v1/audio/transcriptions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                        "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 10000000\r\n\r\n--x\r\nContent-Disp").encode())
+    holder = _stalled_upload(url, f"/{PROBE}/v1/audio/transcriptions")  # the probe's one slot, held
+    try:
         time.sleep(1)
         r = _post(f"{url}/{PROBE}", zh, "zh.flac")
         assert r.status_code == 503 and r.json()["error"]["code"] == "ingress_overloaded", r.text

@@ -19,7 +19,7 @@ from deployments.belle2.speedups import Speedups
 from deployments.belle2.windows import Window, plan_windows, remaining_window
 from deployments.belle2.words import FRAMES_PER_SECOND, alignment_heads, recorded_cross_attention, timed_words, token_times
 from deployments.contract import SAMPLE_RATE, WORDS_FROM_CROSS_ATTENTION, ModelInfo, ModelSpec, Segment, TranscribeOptions
-from deployments.core import SPEECH_CLIP, BatchedModelArgs, Decoded, DecodeEvents, DecodeRequest, ModelCore, read_speech_clip, resolve_compute_type, set_torch_threads, spec_options, stop_if_cancelled
+from deployments.core import BatchedModelArgs, Decoded, DecodeEvents, DecodeRequest, ModelCore, read_speech_clip, resolve_compute_type, set_torch_threads, spec_options, stop_if_cancelled
 from deployments.pinned_decode import transformers_generate_kwargs, transformers_window_tokens
 from deployments.vad import VadOptions, speech_timestamps
 
@@ -31,8 +31,6 @@ WINDOW_SECONDS = 30
 FOLLOW_UP_MIN_SPEECH_S = 0.5
 MAX_FOLLOW_UPS = 2
 WARMUP_TOKENS = 8
-CHECK_CLIP = SPEECH_CLIP
-"""The warm-up self-check of the speed-ups decodes it."""
 
 
 class Belle2Args(BatchedModelArgs):
