@@ -95,8 +95,11 @@ def test_the_core_counts_windows_silence_and_temperature_retries(probes):
     """What the replica's metrics are made of, counted where transformers decides."""
     events = probes["decode_events"]
     speech, reversed_, hum, loop = events["speech"], events["reversed"], events["hum"], events["loop"]
-    for run in (speech, reversed_, hum, loop):
+    for run in (speech, hum, loop):
         assert run["windows"] == 1 and run["counts"]["windows"] == 1, run
+    # Sampled at a higher temperature, reversed speech may end early and leave speech over for a
+    # follow-up pass, which is one more window decoded (as it should be counted).
+    assert reversed_["windows"] == 1 and 1 <= reversed_["counts"]["windows"] <= 1 + events["max_follow_ups"], reversed_
     assert speech["text"] and speech["counts"].get("temperature_retries", 0) == 0 and speech["counts"].get("no_speech_windows", 0) == 0, speech
     # the greedy pass over reversed speech fails the log-probability threshold: decoded again
     assert reversed_["counts"]["temperature_retries"] >= 1, reversed_
