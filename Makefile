@@ -82,8 +82,9 @@ stop:
 	$(BIN)/ray stop >/dev/null || true
 
 # Real components the tests run (Debian packages): Prometheus scrapes the test cluster and
-# answers every query of the Grafana dashboard (tests/test_observability.py).
-SYSTEM_PACKAGES := prometheus
+# answers every query of the Grafana dashboard (tests/test_observability.py); PostgreSQL serves
+# the job store's tests (tests/test_job_store.py), one server of their own per test session.
+SYSTEM_PACKAGES := prometheus postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 system-packages:
 	@missing=""

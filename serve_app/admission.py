@@ -170,8 +170,9 @@ def _serve_default(option: str) -> int:
     return DeploymentConfig.model_fields[option].default
 
 
-ADMITTED_PATHS = ("/v1/audio/",)
-"""Routes that transcribe: the only ones that take a slot."""
+ADMITTED_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations")
+"""Routes that transcribe while the client waits: the only ones that take a slot. (A job's
+submission only stores its upload; the job runner has limits of its own.)"""
 
 
 class AdmitTranscriptions:
@@ -199,7 +200,7 @@ class AdmitTranscriptions:
 
 def is_transcription(scope: Scope) -> bool:
     """An HTTP request to a route that transcribes (`ADMITTED_PATHS`)."""
-    return scope["type"] == "http" and scope["method"] == "POST" and route_path(scope).startswith(ADMITTED_PATHS)
+    return scope["type"] == "http" and scope["method"] == "POST" and route_path(scope).rstrip("/") in ADMITTED_PATHS
 
 
 def route_path(scope: Scope) -> str:

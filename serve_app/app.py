@@ -7,15 +7,14 @@ runtime envs and are reached by name with `serve.get_app_handle`.
 
 
 import asyncio
-import dataclasses
-import functools
+import io
 import logging
 import math
 import platform
 import sys
 import time
-from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Annotated, Any, AsyncIterator, BinaryIO, Callable, Dict, List, Optional, Union
+from contextlib import AsyncExitStack
+from typing import Annotated, Any, AsyncIterator, BinaryIO, Dict, Optional, Union
 
 import numpy as np
 from fastapi import Depends, FastAPI, Form, Request
@@ -24,24 +23,24 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 import ray
 from ray import serve
 from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.contract import SAMPLE_RATE, InvalidOptionsError, ModelUnavailableError, TranscribeOptions
-from deployments.core import package_versions, process_memory, release_free_memory_soon, validate_audio
+from deployments.contract import InvalidOptionsError, ModelUnavailableError, TranscribeOptions
+from deployments.core import package_versions, process_memory, release_free_memory_soon
 from deployments.logs import send_to_serve_logs
 from deployments.runtime import check_environment
 from serve_app.admission import AdmitTranscriptions, Admission, ModelCapacity, serve_details
-from serve_app.audio import AudioReader
 from serve_app.events import sse_stream, stream_events
-from serve_app.pieces import Piece, cut_pieces, feed_pieces
-from serve_app.transcription import Transcription, plan_languages
+from serve_app.transcriber import Transcriber
 from serve_app.config import AUTO_NAMES, IngressSettings
-from serve_app.errors import APIError, ErrorResponse, UploadTooLargeError, create_error_response, error_response_for, redact_paths
+from serve_app.errors import APIError, ErrorResponse, JobsDisabledError, UploadTooLargeError, create_error_response, error_response_for, redact_paths
 from serve_app.formats import render, server_timing
 from serve_app.guards import ApiKeys, RequireApiKey, UploadLimits, configure
-from serve_app.langid import LanguageDetector, listen_points
-from serve_app.protocol import TranscriptionRequest
+from serve_app.langid import LanguageDetector
+from serve_app.protocol import JobRequest, TranscriptionRequest
+from serve_app.jobs.service import JOBS_PATH, RESULT_FORMATS, JobService, job_request, list_limit
 from serve_app.routing import AUTO, ModelRouter
 from serve_app import metrics as ingress_metrics
 from serve_app.metrics import RecordRequests
@@ -108,6 +107,10 @@ async def transcription_form(request: Annotated[TranscriptionRequest, Form()]) -
     return request
 
 
+async def job_form(request: Annotated[JobRequest, Form()]) -> JobRequest:
+    return request  # as transcription_form
+
+
 async def _closing(events: AsyncIterator[bytes], stack: AsyncExitStack) -> AsyncIterator[bytes]:
     # Defined before the class: `serve.ingress` pickles the class with the globals its methods
     # name as they are at that moment.
@@ -119,16 +122,19 @@ async def _closing(events: AsyncIterator[bytes], stack: AsyncExitStack) -> Async
 @serve.deployment(name="TranscriptionIngress", max_ongoing_requests=64)
 @serve.ingress(api)
 class TranscriptionIngress:
-    def __init__(self, settings: Optional[dict] = None):
+    def __init__(self, settings: Optional[dict] = None, job_runner: Optional[DeploymentHandle] = None):
         check_environment()
         send_to_serve_logs("serve_app", "deployments")
         ingress_metrics.install()
         self._settings = IngressSettings(**(settings or {}))
         self._router = ModelRouter(self._settings)
         self._detector = LanguageDetector(self._settings.language_id)
+        self._transcriber = Transcriber(self._settings, self._router, self._detector)
         self._admission = Admission(
             self._settings.max_in_flight, self._settings.retry_after_s, on_idle=self._release_memory, on_admit=self._refresh_capacity_soon
         )
+        self._jobs = JobService(self._settings) if self._settings.jobs.enabled else None
+        self._job_runner = job_runner
         self._capacity: Optional[ModelCapacity] = None
         self._capacity_read_at = -math.inf
         self._capacity_reading: Optional[asyncio.Task] = None
@@ -196,6 +202,49 @@ class TranscriptionIngress:
             return info
         return {app: redact_paths({k: v for k, v in entry.items() if k != "python_executable"}) for app, entry in info.items()}
 
+    # -- jobs (serve_app/jobs/) ----------------------------------------------------------------
+
+    @api.post(JOBS_PATH, status_code=202, responses=_ERROR_RESPONSES)
+    async def create_job(self, request: JobRequest = Depends(job_form)) -> JSONResponse:
+        """Queues a transcription of the upload; answers 202 with the job at once. Follow it with
+        GET .../jobs/{id} or .../jobs/{id}/events; its result stays for `jobs.retention_s`."""
+        if request.stream:
+            raise APIError(400, "A job is not streamed; follow it at GET /v1/audio/transcriptions/jobs/{id}/events.", param="stream", code="unsupported_option")
+        upload = self._spooled_upload(request)
+        job = await self._job_service().submit(upload, request=job_request(request, filename=request.file.filename), callback_url=request.callback_url)
+        self._wake_job_runner()
+        return JSONResponse(job, status_code=202, headers={"Location": job["links"]["self"]})
+
+    @api.get(JOBS_PATH)
+    async def list_jobs_http(self, limit: int = 20, after: Optional[str] = None) -> dict:
+        """Jobs, newest first, `limit` at a time (1-100); `after` is the last id of the page before."""
+        return await self._job_service().list(limit=list_limit(limit), after=after)
+
+    @api.get(JOBS_PATH + "/{job_id}", responses=_ERROR_RESPONSES)
+    async def get_job_http(self, job_id: str, format: Optional[str] = None) -> Response:
+        """The job: status, stage, progress, model, warnings, and its result (verbose_json) once it
+        succeeded; `?format=srt|vtt|text|json|verbose_json` answers the result alone, rendered."""
+        if format is None:
+            return JSONResponse(await self._job_service().get(job_id))
+        if format not in RESULT_FORMATS:
+            raise APIError(400, f"Got format={format!r}; expected one of {list(RESULT_FORMATS)}.", param="format", code="invalid_format")
+        media_type, content = await self._job_service().result(job_id, format)
+        if media_type == "application/json":
+            return JSONResponse(content)
+        return Response(content, media_type=f"{media_type}; charset=utf-8")
+
+    @api.delete(JOBS_PATH + "/{job_id}", responses=_ERROR_RESPONSES)
+    async def delete_job_http(self, job_id: str) -> dict:
+        """Cancels a queued or running job; removes a finished one with its result and media."""
+        return await self._job_service().delete(job_id)
+
+    @api.get(JOBS_PATH + "/{job_id}/events", responses=_ERROR_RESPONSES)
+    async def job_events_http(self, job_id: str) -> StreamingResponse:
+        """The job's progress as server-sent events (the streamed transcription's event types)."""
+        service = self._job_service()
+        await service.job(job_id)  # an unknown job: 404 before the stream starts
+        return StreamingResponse(service.sse(job_id), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
     # -- DeploymentHandle API ------------------------------------------------------------------
 
     async def transcribe(
@@ -227,7 +276,7 @@ class TranscriptionIngress:
             ModelUnavailableError: No model app could serve.
         """
         opts = TranscribeOptions.from_dict({"language": language, "task": task, **options})
-        async with self._transcription(audio, model, opts, segmentation=segmentation) as transcription:
+        async with self._transcriber.open(audio, model, opts, segmentation=segmentation) as transcription:
             finished = await transcription.collect()
         return {**finished.body, "segments": finished.segments}
 
@@ -247,9 +296,48 @@ class TranscriptionIngress:
         Errors before the first event are raised; later ones arrive as an `error` event.
         """
         opts = TranscribeOptions.from_dict({"language": language, "task": task, **options})
-        async with self._transcription(audio, model, opts, segmentation=segmentation, streaming=True) as transcription:
+        async with self._transcriber.open(audio, model, opts, segmentation=segmentation, streaming=True) as transcription:
             async for event in stream_events(transcription):
                 yield event
+
+    async def submit_job(
+        self,
+        audio: bytes,
+        *,
+        callback_url: Optional[str] = None,
+        filename: Optional[str] = None,
+        model: str = "auto",
+        language: Optional[str] = None,
+        segmentation: Optional[str] = None,
+        **options: Any,
+    ) -> dict:
+        """Queues a transcription job of `audio` (an encoded file) for another Ray app; returns
+        the job as `GET /v1/audio/transcriptions/jobs/{id}` shows it. Options as `transcribe`'s."""
+        if segmentation not in (None, "subtitle", "raw"):
+            raise InvalidOptionsError(f"Got {segmentation!r} for segmentation; expected 'subtitle' or 'raw'.")
+        opts = TranscribeOptions.from_dict({"language": language, **options})
+        request = {"model": model, "options": opts.to_dict(), "segmentation": segmentation, "words": opts.word_timestamps,
+                   "response_format": "verbose_json", "filename": filename}
+        job = await self._job_service().submit(io.BytesIO(audio), request=request, callback_url=callback_url)
+        self._wake_job_runner()
+        return job
+
+    async def get_job(self, job_id: str, format: Optional[str] = None) -> Any:
+        """A job (a dict), or with `format` its result rendered (a str, or a dict for json formats)."""
+        if format is None:
+            return await self._job_service().get(job_id)
+        return (await self._job_service().result(job_id, format))[1]
+
+    async def list_jobs(self, limit: int = 20, after: Optional[str] = None) -> dict:
+        return await self._job_service().list(limit=list_limit(limit), after=after)
+
+    async def delete_job(self, job_id: str) -> dict:
+        return await self._job_service().delete(job_id)
+
+    async def job_events(self, job_id: str) -> AsyncIterator[dict]:
+        """The job's events as dicts: `handle.options(stream=True).job_events.remote(job_id)`."""
+        async for event in self._job_service().events(job_id):
+            yield event
 
     async def info(self) -> dict:
         """Every app's runtime env, server paths included (for callers inside the cluster)."""
@@ -326,7 +414,7 @@ class TranscriptionIngress:
         ingress_metrics.note_request(response_format=request.response_format, upload_bytes=request.file.size, timings=timings)
         stack = AsyncExitStack()
         transcription = await stack.enter_async_context(
-            self._transcription(upload, request.model, opts, segmentation=request.segmentation, streaming=request.stream, timings=timings)
+            self._transcriber.open(upload, request.model, opts, segmentation=request.segmentation, streaming=request.stream, timings=timings)
         )
         if request.stream:
             return StreamingResponse(_closing(sse_stream(transcription), stack), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
@@ -349,110 +437,42 @@ class TranscriptionIngress:
             headers=headers,
         )
 
+    def _job_service(self) -> JobService:
+        if self._jobs is None:
+            raise JobsDisabledError()
+        return self._jobs
+
+    def _wake_job_runner(self) -> None:
+        if self._job_runner is None:
+            return
+
+        async def wake() -> None:
+            try:
+                await self._job_runner.wake.remote()
+            except Exception as e:  # it polls anyway
+                logger.info("Could not wake the job runner: %s", e)
+
+        self._waking = asyncio.ensure_future(wake())
+
     def _spooled_upload(self, request: TranscriptionRequest) -> BinaryIO:
         limit = self._settings.max_upload_bytes
         if request.file.size is not None and request.file.size > limit:
             raise UploadTooLargeError(request.file.size, limit)
         return request.file.file
 
-    def _excerpts(self, reader: Optional[AudioReader]) -> Optional[Callable[[], List[np.ndarray]]]:
-        """Excerpts for language ID at points spread over a long upload (None: a short one)."""
-        settings = self._settings.language_id
-        length = reader.expected_seconds if reader is not None else None
-        if length is None or length < settings.listen_points_min_seconds or settings.listen_points < 2:
-            return None
-        # Each excerpt is as long as the scan language ID makes of a recording's start, at most 30 s.
-        excerpt_s = min(30.0, settings.scan_seconds)
-        return functools.partial(reader.excerpts, listen_points(length, settings.listen_points, excerpt_s), excerpt_s)
-
-    def _language_plan(self, requested: str, opts: TranscribeOptions, total_s: Optional[float]) -> Optional[Callable[[Piece], Piece]]:
-        """For a request routed by language: each piece's runs of one language, worked out in the
-        piece feed's thread while the model transcribes the piece before (`serve_app/stretches.py`)."""
-        settings = self._settings.language_id
-        if not settings.per_stretch or requested not in AUTO_NAMES or opts.language is not None:
-            return None
-
-        def prepare(piece: Piece) -> Piece:
-            length = total_s if total_s is not None else piece.start_s + piece.duration_s
-            # The first piece goes at once: it is heard while the model starts on it (Transcription).
-            if piece.index == 0 or length < settings.per_stretch_min_seconds:
-                return piece
-            return dataclasses.replace(piece, languages=plan_languages(self._detector, piece))
-
-        return prepare
-
-    @asynccontextmanager
-    async def _transcription(
-        self,
-        audio: Union[bytes, np.ndarray, BinaryIO],
-        requested: str,
-        opts: TranscribeOptions,
-        *,
-        segmentation: Optional[str] = None,
-        streaming: bool = False,
-        timings: Optional[Dict[str, float]] = None,
-    ) -> AsyncIterator[Transcription]:
-        """A started `Transcription` of `audio` (an upload, its bytes or 16 kHz samples), its
-        reader and piece feed closed on exit.
-
-        `timings` (if given) receives the seconds spent opening the upload, in language ID and
-        in the model apps.
-        """
-        timings = {} if timings is None else timings
-        if segmentation not in (None, "subtitle", "raw"):
-            raise InvalidOptionsError(f"Got {segmentation!r} for segmentation; expected 'subtitle' or 'raw'.")
-        settings = self._settings
-        pieces = settings.pieces
-        reader: Optional[AudioReader] = None
-        if not isinstance(audio, (bytes, bytearray, memoryview)) and not hasattr(audio, "read"):
-            samples = validate_audio(np.asarray(audio), max_seconds=settings.max_audio_seconds)
-            blocks, total_s = [samples], samples.size / SAMPLE_RATE
-        else:
-            started = time.perf_counter()
-            reader = await asyncio.to_thread(AudioReader, audio, max_seconds=settings.max_audio_seconds, truncation_is_warning=streaming)
-            timings["open"] = time.perf_counter() - started
-            blocks, total_s = reader.blocks(), reader.expected_seconds
-        # Speakers are labelled per model call: a diarized recording goes whole, or one
-        # speaker would carry different labels in different pieces.
-        piece_seconds = settings.max_audio_seconds if opts.diarize else pieces.seconds
-        feed = feed_pieces(cut_pieces(
-            blocks,
-            piece_seconds=piece_seconds,
-            first_piece_seconds=pieces.first_seconds_streaming if streaming else piece_seconds,
-            search_seconds=pieces.cut_search_seconds,
-        ), prepare=self._language_plan(requested, opts, total_s))
-        subtitles = settings.subtitles
-        try:
-            transcription = Transcription(
-                router=self._router,
-                detector=self._detector,
-                settings=settings,
-                pieces=feed,
-                requested=requested,
-                opts=opts,
-                as_subtitles=subtitles.enabled if segmentation is None else segmentation == "subtitle",
-                total_s=total_s,
-                timings=timings,
-                late_warnings=reader.warnings if reader is not None else list,
-                excerpts=self._excerpts(reader),
-            )
-            await transcription.start()
-            yield transcription
-        finally:
-            try:
-                await feed.aclose()
-            finally:  # also when the await is cancelled: the reader closes after the block it reads
-                if reader is not None:
-                    timings["decode"] = reader.decode_seconds
-                    reader.close()
-
 
 def build_app(args: Dict[str, Any]) -> Application:
-    """The ingress application: one `TranscriptionIngress` deployment.
+    """The ingress application: the `TranscriptionIngress` deployment, and the `JobRunner`
+    deployment (serve_app/jobs/runner.py) unless `jobs.enabled` is off.
 
     Args:
         args: The Serve config's `args:` (see `IngressSettings`); validated here so a bad value
             fails the deploy with a message naming it.
     """
     settings = IngressSettings(**(args or {}))
-    return TranscriptionIngress.bind(settings.model_dump())
+    dumped = settings.model_dump()
+    if not settings.jobs.enabled:
+        return TranscriptionIngress.bind(dumped)
+    from serve_app.jobs.runner import JobRunner
+
+    return TranscriptionIngress.bind(dumped, JobRunner.bind(dumped))

@@ -80,6 +80,43 @@ class SubtitleSettings(BaseModel):
         return self
 
 
+class JobSettings(BaseModel):
+    """Transcription jobs (`/v1/audio/transcriptions/jobs`, `serve_app/jobs/`): records and
+    results in a database, uploads in a media directory, run by the `JobRunner` deployment."""
+
+    enabled: bool = Field(True, description="Serve the job API and deploy the job runner.")
+    data_dir: str = Field("/var/lib/klipnote", description="Where the SQLite database (when `database_url` is unset) and the media directory live. On a cluster of several nodes the media directory must be storage every node mounts at the same path (NFS, a shared volume): the ingress that stores an upload and the runner that reads it may be on different nodes.")
+    database_url: Optional[str] = Field(None, description="SQLAlchemy URL of the job database, e.g. postgresql+psycopg://user:password@host/klipnote; None: SQLite at <data_dir>/jobs.sqlite3 (one node only). From the env: KLIPNOTE_JOBS__DATABASE_URL.", repr=False)
+    media_dir: Optional[str] = Field(None, description="Uploads of jobs until they end; None: <data_dir>/media.")
+    max_running: int = Field(2, ge=0, description="Jobs one runner replica transcribes at once; 0 pauses the runner (jobs stay queued).")
+    max_running_per_model: Dict[ModelName, int] = Field(default_factory=dict, description="At most this many running jobs served by a model (the model routing picked for the job's start), per runner replica; a job over it waits, in stage 'Waiting for <model>'.")
+    max_queued: int = Field(1000, ge=1, description="More queued jobs than this and a submission gets 429 (jobs_queue_full).")
+    lease_s: float = Field(30.0, gt=0, description="A runner holds a running job for this long and renews it every third of it; a job whose runner died is picked up again once its lease runs out.")
+    poll_s: float = Field(1.0, gt=0, description="How often an idle runner looks for queued jobs, expired results and due webhooks.")
+    max_attempts: int = Field(3, ge=1, description="Runs of one job at most: a job whose runner died this many times fails (job_attempts_exhausted) instead of taking the next runner down too.")
+    model_wait_s: float = Field(600.0, ge=0, description="A job whose model apps are unavailable or overloaded (while the cluster starts, say) waits and tries again for this long before it fails with that error.")
+    public_url: Optional[str] = Field(None, description="The URL clients reach the service at (https://stt.example.com): webhook notifications carry absolute links with it; None: links are paths.")
+    retention_s: float = Field(7 * 86400, gt=0, description="A finished job's record, result and media are removed this long after it ended (GET then answers 404).")
+    webhook_secret: Optional[str] = Field(None, description="HMAC-SHA256 key of the X-KlipNote-Signature header on webhook deliveries; None sends them unsigned. From the env: KLIPNOTE_JOBS__WEBHOOK_SECRET.", repr=False)
+    webhook_max_attempts: int = Field(6, ge=1, description="Deliveries of one notification at most (the first included).")
+    webhook_backoff_s: float = Field(2.0, gt=0, description="First retry of a failed delivery after this long, doubling each time, at most `webhook_max_backoff_s`.")
+    webhook_max_backoff_s: float = Field(300.0, gt=0)
+    webhook_timeout_s: float = Field(10.0, gt=0, description="How long one delivery waits for the receiver's answer.")
+    allow_private_callbacks: bool = Field(False, description="Allow callback URLs on private, loopback and link-local addresses (a receiver inside your network). Off, they are refused at submission and again before each delivery.")
+
+    @field_validator("webhook_secret", "database_url", "media_dir", "public_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v):
+        return None if isinstance(v, str) and not v.strip() else v
+
+    def database(self) -> str:
+        """The database URL, the SQLite default filled in."""
+        return self.database_url or f"sqlite:///{self.data_dir.rstrip('/')}/jobs.sqlite3"
+
+    def media(self) -> str:
+        return self.media_dir or f"{self.data_dir.rstrip('/')}/media"
+
+
 class IngressSettings(BaseSettings):
     """Everything the ingress application is configured with.
 
@@ -118,6 +155,7 @@ class IngressSettings(BaseSettings):
     language_id: LanguageIdSettings = Field(default_factory=LanguageIdSettings)
     subtitles: SubtitleSettings = Field(default_factory=SubtitleSettings)
     pieces: PieceSettings = Field(default_factory=PieceSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -81,6 +81,32 @@ class IngressOverloadedError(APIError):
         )
 
 
+class JobNotFoundError(APIError):
+    def __init__(self, job_id: str):
+        super().__init__(404, f"No job {job_id!r}: it never existed, was deleted, or its result expired.", param="job_id", code="job_not_found")
+
+
+class JobNotFinishedError(APIError):
+    def __init__(self, job_id: str, status: str):
+        super().__init__(409, f"Job {job_id!r} is {status}; its result can be rendered once it has succeeded.", param="format", code="job_not_finished")
+
+
+class JobsQueueFullError(APIError):
+    def __init__(self, queued: int, retry_after_s: int):
+        super().__init__(
+            429,
+            f"{queued} jobs are queued, as many as the service keeps; retry in {retry_after_s} s.",
+            type="server_error",
+            code="jobs_queue_full",
+            headers={"Retry-After": str(retry_after_s)},
+        )
+
+
+class JobsDisabledError(APIError):
+    def __init__(self):
+        super().__init__(404, "Transcription jobs are turned off on this service (jobs.enabled).", code="jobs_disabled")
+
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.@+-]+/)*([\w.@+-]+)")
 _IP_PORT = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b")

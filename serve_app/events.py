@@ -4,7 +4,7 @@ OpenAI's own: `transcript.text.delta` (`delta`) as text becomes final and `trans
 (`text`) at the end; `transcript.text.segment` with the fields of the `openai` SDK's segment event
 (`id`, `start`, `end`, `text`, `speaker`, null unless diarized) for each output segment (a subtitle
 cue by default). KlipNote's own: `transcript.progress` (`done_seconds`, `total_seconds`, null when
-the container does not state its length) after each piece. The done event also carries the
+the container does not state its length; `model`; the result's `warnings` so far) after each piece. The done event also carries the
 verbose_json fields but segments (`language`, `duration`, `model`, `warnings`...). An error after
 the first event arrives as `{"type": "error", "error": {...}}`, OpenAI's error shape, and ends the
 stream; the `openai` SDK raises it as an `APIError`.
@@ -39,7 +39,8 @@ async def stream_events(transcription: Transcription) -> AsyncIterator[dict]:
                     segment_id += 1
                     yield out
                 yield {"type": "transcript.progress", "done_seconds": round(event.done_s, 3),
-                       "total_seconds": None if event.total_s is None else round(event.total_s, 3), "model": event.model}
+                       "total_seconds": None if event.total_s is None else round(event.total_s, 3), "model": event.model,
+                       "warnings": event.warnings}
             elif isinstance(event, Finished):
                 metrics.note_result(event.body)
                 yield {"type": "transcript.text.done", **event.body, "fallback": event.fallback}

@@ -95,3 +95,13 @@ class TranscriptionRequest(BaseModel):
             max_speakers=self.max_speakers,
             **({"script": self.script} if self.script else {"script": "traditional"} if self.language and asks_traditional_script(self.language) else {}),
         )
+
+
+class JobRequest(TranscriptionRequest):
+    """`POST /v1/audio/transcriptions/jobs`: the transcription's fields, plus where to call back.
+    The result is kept as verbose_json; `response_format` only says which rendering the job's
+    links name first. `stream` has no meaning here (follow a job at `.../jobs/{id}/events`)."""
+
+    callback_url: Optional[str] = None
+    """KlipNote: POSTed the job (id, status, links) when it succeeds or fails, signed
+    (X-KlipNote-Signature); http or https, public addresses unless the service allows others."""

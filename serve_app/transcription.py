@@ -44,6 +44,8 @@ class PieceDone:
     total_s: Optional[float]
     """The recording's length when the container states it; None if unknown."""
     model: Optional[str]
+    warnings: List[str] = field(default_factory=list)
+    """The result's warnings so far (a fallback's among them)."""
 
 
 @dataclass
@@ -207,6 +209,11 @@ class Transcription:
             if warning:
                 self._early_warnings.append(warning)
 
+    @property
+    def model(self) -> Optional[str]:
+        """The model routing picked for the recording's start (after `start`)."""
+        return self._route.model if self._route is not None else self._no_speech_model
+
     async def _detect(self, audio: np.ndarray) -> DetectedLanguage:
         started = time.perf_counter()
         detected = await asyncio.to_thread(self.detector.detect, audio)
@@ -270,7 +277,7 @@ class Transcription:
                 if piece is self._first or await asyncio.to_thread(contains_speech, piece.audio):
                     yield await self._transcribe_piece(piece, done)
                 else:
-                    yield PieceDone([], "", done.duration_s, self.total_s, None)
+                    yield PieceDone([], "", done.duration_s, self.total_s, None, list(done.warnings))
                 piece = await anext(self.pieces, None)
             self.timings["model"] = time.perf_counter() - started
         yield self._finished(done)
@@ -345,7 +352,7 @@ class Transcription:
             delta += done.add_text(join_text(routed.result["segments"], done.text_language or language), language)
         done.segments += segments
         models = list(dict.fromkeys(r.model for r in results))
-        return PieceDone(segments, delta, done.duration_s, self.total_s, models[0] if len(models) == 1 else "+".join(models))
+        return PieceDone(segments, delta, done.duration_s, self.total_s, models[0] if len(models) == 1 else "+".join(models), list(done.warnings))
 
     async def _transcribe_run(self, audio: np.ndarray, route: _Route) -> RoutedResult:
         """`audio` through `route`'s model, or the fallback that already served instead of it."""

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import copy
 import json
+import secrets
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
@@ -48,6 +51,11 @@ class ServeCluster(LocalServeCluster):
         production = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
         overlay = yaml.safe_load((ROOT / "runtime_envs" / "local.yaml").read_text())
         self.config = local_config(production, overlay, http_port=self.http_port)
+        # The session's own job database and media, and a webhook key the tests verify with.
+        self.jobs_dir = Path(tempfile.mkdtemp(prefix="klipnote-jobs-"))
+        self.webhook_secret = secrets.token_hex(16)
+        jobs = next(a for a in self.config["applications"] if a["name"] == "transcription")["args"]["jobs"]
+        jobs.update(data_dir=str(self.jobs_dir), webhook_secret=self.webhook_secret)
 
     def app_config(self, name: str) -> dict:
         return copy.deepcopy(next(a for a in self.config["applications"] if a["name"] == name))
@@ -94,10 +102,14 @@ def pytest_collection_modifyitems(session, config, items):
 
 @pytest.fixture(scope="session")
 def serve_cluster():
-    with ServeCluster() as cluster:
-        cluster.deploy()
-        cluster.wait()
-        yield cluster
+    cluster = ServeCluster()
+    try:
+        with cluster:
+            cluster.deploy()
+            cluster.wait()
+            yield cluster
+    finally:
+        shutil.rmtree(cluster.jobs_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -283,7 +283,7 @@ def test_stream_events_follow_openais_shapes_and_end_with_an_error_event_on_fail
 
     class FailsAfterOnePiece:  # the one part of a Transcription that stream_events reads
         async def events(self):
-            yield PieceDone([{"start": 0.0, "end": 2.5, "text": "Hello there.", "language": "en"}], "Hello there.", 30.0, 90.0, "whisperx")
+            yield PieceDone([{"start": 0.0, "end": 2.5, "text": "Hello there.", "language": "en"}], "Hello there.", 30.0, 90.0, "whisperx", ["w"])
             raise ModelUnavailableError("whisperx has no running replica")
 
     async def collect():
@@ -292,7 +292,7 @@ def test_stream_events_follow_openais_shapes_and_end_with_an_error_event_on_fail
     delta, segment, progress, error = asyncio.run(collect())
     assert delta == {"type": "transcript.text.delta", "delta": "Hello there."}
     assert segment == {"type": "transcript.text.segment", "id": "seg_0", "start": 0.0, "end": 2.5, "text": "Hello there.", "speaker": None, "language": "en"}
-    assert progress == {"type": "transcript.progress", "done_seconds": 30.0, "total_seconds": 90.0, "model": "whisperx"}
+    assert progress == {"type": "transcript.progress", "done_seconds": 30.0, "total_seconds": 90.0, "model": "whisperx", "warnings": ["w"]}
     assert error["type"] == "error" and set(error["error"]) == {"message", "type", "param", "code"}
     assert error["error"]["code"] == "model_unavailable"
 
