@@ -57,8 +57,14 @@ class ServeCluster(LocalServeCluster):
         jobs = next(a for a in self.config["applications"] if a["name"] == "transcription")["args"]["jobs"]
         jobs.update(data_dir=str(self.jobs_dir), webhook_secret=self.webhook_secret)
 
-    def app_config(self, name: str) -> dict:
-        return copy.deepcopy(next(a for a in self.config["applications"] if a["name"] == name))
+    def app_config(self, name: str, *, jobs: bool = False) -> dict:
+        """An application's config, to deploy a variant of it beside it. A copy of the ingress app
+        has no job runner unless `jobs`: one would claim the session's jobs from the same database."""
+        app = copy.deepcopy(next(a for a in self.config["applications"] if a["name"] == name))
+        if name == "transcription" and not jobs:
+            app["args"]["jobs"]["enabled"] = False
+            app["deployments"] = [d for d in app["deployments"] if d["name"] != "JobRunner"]
+        return app
 
     def deploy(self, *, without: Iterable[str] = (), extra: Optional[List[dict]] = None) -> None:
         """Declares the applications: the local config's, less `without`, plus `extra`.

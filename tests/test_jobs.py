@@ -46,6 +46,8 @@ def wait_for(url: str, job_id: str, until: Callable[[dict], bool], timeout_s: fl
         current = job(url, job_id)
         if not seen or {k: current[k] for k in ("status", "stage", "progress")} != {k: seen[-1][k] for k in ("status", "stage", "progress")}:
             seen.append(current)
+        else:
+            seen[-1] = current
         if until(current):
             return seen
         assert time.monotonic() < deadline, f"job {job_id} never got there: {seen[-1]}"
@@ -136,6 +138,18 @@ def test_a_job_from_submission_to_result_webhook_and_deletion(serve_cluster, dat
     assert deleted.status_code == 200 and deleted.json() == {"id": job_id, "object": "transcription.job.deleted", "deleted": True}
     gone = httpx.get(f"{url}{JOBS}/{job_id}", timeout=30)
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "job_not_found"
+
+
+def test_a_failed_webhook_delivery_is_retried(serve_cluster, data_dir, receiver):
+    url = serve_cluster.url
+    receiver.script = [500, 200]
+    job_id = submit(url, (data_dir / EN).read_bytes(), callback_url=receiver.url).json()["id"]
+    assert wait_for(url, job_id, finished)[-1]["status"] == "succeeded"
+    webhook = wait_for(url, job_id, lambda j: j["webhook"]["state"] != "pending", timeout_s=60)[-1]["webhook"]
+    assert webhook == {"state": "delivered", "attempts": 2}
+    first, second = receiver.requests
+    assert first["headers"][DELIVERY_HEADER.lower()] == second["headers"][DELIVERY_HEADER.lower()] == f"{job_id}:succeeded"
+    assert verify(second["body"], second["headers"][SIGNATURE_HEADER.lower()], serve_cluster.webhook_secret, now=time.time())
 
 
 def test_events_follow_a_running_job_in_order(serve_cluster, data_dir):
@@ -230,27 +244,48 @@ def test_another_ray_app_runs_jobs_through_the_handle(serve_cluster, data_dir):
     assert handle.delete_job.remote(created["id"]).result(timeout_s=30)["deleted"] is True
 
 
-def test_jobs_on_postgresql(serve_cluster, data_dir, postgres_url):  # noqa: F811
-    """The same API on a second ingress app whose jobs live in the real PostgreSQL server."""
-    app = serve_cluster.app_config("transcription")
+def test_jobs_on_postgresql_with_limits_and_retention(serve_cluster, data_dir, postgres_url):  # noqa: F811
+    """A second ingress app whose jobs live in the real PostgreSQL server: two jobs at once, one
+    of them on belle2, one job queued at most, results kept for 4 s."""
+    app = serve_cluster.app_config("transcription", jobs=True)
     app.update(name="probe-jobs-pg", route_prefix="/probe-jobs-pg")
-    app["args"]["jobs"].update(database_url=postgres_url, data_dir=str(Path(serve_cluster.jobs_dir) / "pg"))
+    media = Path(serve_cluster.jobs_dir) / "pg"
+    app["args"]["jobs"].update(database_url=postgres_url, data_dir=str(media), max_running=2,
+                               max_running_per_model={"belle2": 1}, max_queued=1, retention_s=4)
     for deployment in app["deployments"]:
         deployment["ray_actor_options"] = {"num_cpus": 0}
     serve_cluster.deploy(extra=[app])
     try:
         serve_cluster.wait(["probe-jobs-pg"])
         url = f"{serve_cluster.url}/probe-jobs-pg"
-        job_id = submit(url, (data_dir / EN).read_bytes()).json()["id"]
-        done = wait_for(url, job_id, finished)[-1]
-        assert done["status"] == "succeeded" and done["result"]["text"], done
+        long_zh = submit(url, (data_dir / ZH_70S).read_bytes()).json()["id"]
+        wait_for(url, long_zh, lambda j: j["stage"] == "Transcribing with belle2")
+        short_zh = submit(url, (data_dir / "zh_paddlespeech_zh.flac").read_bytes()).json()["id"]
+        waiting = wait_for(url, short_zh, lambda j: j["stage"].startswith("Waiting for belle2") or finished(j))[-1]
+        assert waiting["status"] == "running" and waiting["stage"] == "Waiting for belle2, which runs 1 job(s) at once", waiting
+        queued = submit(url, (data_dir / EN).read_bytes()).json()
+        assert queued["status"] == "queued" and queued["queue_position"] == 1, queued
+        full = submit(url, (data_dir / EN).read_bytes())
+        assert full.status_code == 429 and full.json()["error"]["code"] == "jobs_queue_full" and full.headers["retry-after"]
+
+        done = {job_id: wait_for(url, job_id, finished)[-1] for job_id in (long_zh, short_zh, queued["id"])}
+        assert [done[j]["status"] for j in done] == ["succeeded"] * 3, done
+        assert [done[j]["model"] for j in done] == ["belle2", "belle2", "whisperx"]
+        assert done[short_zh]["started_at"] <= done[long_zh]["finished_at"]  # it waited running, not queued
         from sqlalchemy import create_engine, text
 
         engine = create_engine(postgres_url)
         with engine.connect() as db:
-            row = db.execute(text("SELECT status, attempt FROM klipnote_jobs WHERE id = :id"), {"id": job_id}).one()
+            rows = db.execute(text("SELECT id, status, attempt FROM klipnote_jobs")).all()
         engine.dispose()
-        assert tuple(row) == ("succeeded", 1)
+        assert sorted(tuple(r) for r in rows) == sorted((j, "succeeded", 1) for j in done)
+
+        # retention: the records and their media go 4 s after each job ended
+        deadline = time.monotonic() + 60
+        while any(httpx.get(f"{url}{JOBS}/{j}", timeout=30).status_code != 404 for j in done):
+            assert time.monotonic() < deadline, "finished jobs outlived their retention"
+            time.sleep(0.5)
+        assert list((media / "media").iterdir()) == []
     finally:
         serve_cluster.deploy()
         serve_cluster.wait_gone("probe-jobs-pg")

@@ -106,9 +106,9 @@ class JobRunner:
         self.jobs = self._settings.jobs
         self.store = await asyncio.to_thread(JobStore, self.jobs.database())
         self.media = MediaDir(self.jobs.media())
-        router = ModelRouter(self._settings)
+        self._router = ModelRouter(self._settings)
         detector = await asyncio.to_thread(LanguageDetector, self._settings.language_id)
-        self._transcriber = Transcriber(self._settings, router, detector)
+        self._transcriber = Transcriber(self._settings, self._router, detector)
         self._webhooks = WebhookSettings(
             secret=self.jobs.webhook_secret, allow_private=self.jobs.allow_private_callbacks,
             max_attempts=self.jobs.webhook_max_attempts, backoff_s=self.jobs.webhook_backoff_s,
@@ -195,6 +195,7 @@ class JobRunner:
     async def _transcribe_until_done(self, run: JobRun) -> None:
         """Transcribes; errors that a later try may not meet are waited out for `model_wait_s`."""
         deadline = time.monotonic() + self.jobs.model_wait_s
+        await self._wait_for_starting_models(run, deadline)
         delay = 2.0
         while True:
             try:
@@ -212,6 +213,17 @@ class JobRunner:
                 await run.progress(f"Waiting for a model app ({error['code']}); trying again in {delay:.0f} s")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
+
+    async def _wait_for_starting_models(self, run: JobRun, deadline: float) -> None:
+        """Waits while a model app is still starting (the cluster just started, say): nobody
+        waits on a job's answer, and the fallback would serve what the routed model does better."""
+        while time.monotonic() < deadline:
+            states = {model: await self._router.state(model) for model in self._settings.model_apps}
+            starting = [model for model, state in states.items() if state.status == "DEPLOYING" and not state.running]
+            if not starting:
+                return
+            await run.progress(f"Waiting for {', '.join(starting)} to start")
+            await asyncio.sleep(2.0)
 
     async def _transcribe(self, run: JobRun) -> None:
         job = run.job
@@ -250,7 +262,7 @@ class JobRunner:
             return
         async with self._model_freed:
             if self._by_model[model] >= limit:
-                await run.progress(f"Waiting for {model} ({self._by_model[model]} jobs running on it)", model=model)
+                await run.progress(f"Waiting for {model}, which runs {limit} job(s) at once", model=model)
             await self._model_freed.wait_for(lambda: self._by_model[model] < limit)
             self._by_model[model] += 1
         try:
