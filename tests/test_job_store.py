@@ -171,6 +171,20 @@ def test_an_expired_lease_is_claimed_again(store):
     assert (restarted.done_seconds, restarted.segments, restarted.text, restarted.warnings) == (0.0, [], "", [])
 
 
+def test_a_released_job_is_queued_again_at_once_without_counting_the_run(store):
+    add(store, "job_1", T0)
+    add(store, "job_2", T0 + 1)
+    first = store.claim(now=T0, lease_s=LEASE_S)
+    assert progress(store, first, T0 + 2, "half")
+    assert store.release("job_1", first.lease_token, now=T0 + 3)
+    released = store.get("job_1")
+    assert (released.status, released.attempt, released.lease_token, released.text, released.done_seconds) == ("queued", 0, None, "", 0.0)
+    assert store.queue_position("job_1") == 1  # still first in line: it was submitted first
+    again = store.claim(now=T0 + 4, lease_s=LEASE_S)
+    assert again.id == "job_1" and again.attempt == 1
+    assert store.release("job_1", first.lease_token, now=T0 + 5) is False  # the old lease holds nothing
+
+
 def test_a_stale_runner_is_fenced(store):
     add(store, "job_1", T0, callback_url="https://example.com/hook")
     a = store.claim(now=T0, lease_s=LEASE_S)

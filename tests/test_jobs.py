@@ -317,19 +317,28 @@ def test_a_job_whose_runner_is_killed_mid_job_succeeds(serve_cluster, data_dir):
 
 @pytest.mark.chaos
 def test_queued_and_running_jobs_survive_a_whole_cluster_restart(serve_cluster, data_dir):
+    from serve_app.jobs.store import JobStore
+
     url = serve_cluster.url
     audio = (data_dir / ZH_70S).read_bytes()
     running_id = submit(url, audio).json()["id"]
-    wait_for(url, running_id, lambda j: j["status"] == "running")
+    wait_for(url, running_id, lambda j: j["status"] == "running" and j["progress"]["done_seconds"] > 0)
     queued_id = submit(url, (data_dir / EN).read_bytes()).json()["id"]
     assert job(url, queued_id)["status"] == "queued"
 
-    serve_cluster.stop()  # Serve and Ray, every process of the cluster
+    serve_cluster.stop()  # Serve (gracefully) and Ray: every process of the cluster
+    # While nothing runs, the database holds both: the runner handed its job back as it stopped.
+    store = JobStore(f"sqlite:///{serve_cluster.jobs_dir}/jobs.sqlite3")
+    held = {job_id: store.get(job_id) for job_id in (running_id, queued_id)}
+    store.close()
+    assert [(j.status, j.attempt, j.lease_token) for j in held.values()] == [("queued", 0, None)] * 2, held
+    assert held[running_id].stage == "Queued again: its runner was stopped"
     serve_cluster.start()
     serve_cluster.deploy()
     serve_cluster.wait()
 
-    queued = wait_for(url, queued_id, finished)[-1]
     running = wait_for(url, running_id, finished)[-1]
+    queued = wait_for(url, queued_id, finished)[-1]
+    assert running["status"] == "succeeded" and running["attempt"] == 1 and running["model"] == "belle2", running
+    assert running["result"]["duration"] == pytest.approx(70.0, abs=1.0)
     assert queued["status"] == "succeeded" and queued["attempt"] == 1 and queued["model"] == "whisperx", queued
-    assert running["status"] == "succeeded" and running["attempt"] == 2 and running["model"] == "belle2", running

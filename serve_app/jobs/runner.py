@@ -2,10 +2,11 @@
 
 Each replica loops: claim jobs while it runs fewer than `max_running`, deliver due webhooks,
 remove expired jobs. A claim is a lease (`JobStore.claim`) that the replica renews every third of
-`lease_s` while the job runs. When a replica dies (or the whole cluster stops), its leases run
-out and the jobs are claimed again, by a new replica or another one, and start over from the
-start; the store's lease token fences out the old run, so a job is never finished twice. A job
-whose runner died `max_attempts` times fails instead of taking the next one down too.
+`lease_s` while the job runs. When a replica dies, its leases run out and the jobs are claimed
+again, by a new replica or another one, and start over from the start; the store's lease token
+fences out the old run, so a job is never finished twice. A job whose runner died `max_attempts`
+times fails instead of taking the next one down too. A replica that Serve stops gracefully (a
+redeploy, the cluster shutting down) hands its jobs back to the queue at once (`__del__`).
 
 A job is transcribed as a streamed HTTP request would be (`Transcriber`, the same language ID,
 routing, pieces and fallback), its progress, segments and warnings written to the store after each
@@ -52,6 +53,10 @@ class LeaseLost(Exception):
 
 class CancelRequested(Exception):
     """The client asked for the job to be cancelled."""
+
+
+class Released(Exception):
+    """Serve is stopping this replica gracefully: the job went back to the queue."""
 
 
 class JobRun:
@@ -117,6 +122,7 @@ class JobRunner:
         if self.jobs.webhook_secret is None:
             logger.warning("jobs.webhook_secret is not set: webhook deliveries go unsigned.")
         self._running: Dict[str, asyncio.Task] = {}
+        self._runs: Dict[str, JobRun] = {}
         self._by_model: Dict[str, int] = collections.Counter()
         self._model_freed = asyncio.Condition()
         self._wake = asyncio.Event()
@@ -136,6 +142,23 @@ class JobRunner:
     def check_health(self) -> None:
         if self._loop.done():  # the loop never ends by itself: restart the replica
             raise RuntimeError(f"The job loop stopped: {self._loop.exception() if not self._loop.cancelled() else 'cancelled'}")
+
+    async def __del__(self) -> None:
+        """Serve stops the replica gracefully (a redeploy, scaling in, the cluster shutting down):
+        its jobs go back to the queue at once rather than when their leases run out, and the run
+        does not count against `max_attempts`. A replica that dies leaves them to the leases."""
+        self._loop.cancel()
+        runs = list(self._runs.values())
+        for run in runs:
+            run.stopped_for = Released()
+            self._running[run.job.id].cancel()
+        await asyncio.wait([self._running[run.job.id] for run in runs if run.job.id in self._running] or [self._loop], timeout=5)
+        for run in runs:
+            try:
+                if await asyncio.to_thread(self.store.release, run.job.id, run.token, now=time.time()):
+                    logger.info("Job %s went back to the queue: this runner is stopping.", run.job.id)
+            except Exception as e:  # its lease runs out instead
+                logger.warning("Could not hand job %s back: %s", run.job.id, e)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -158,12 +181,14 @@ class JobRunner:
             if job is None:
                 return
             logger.info("Claimed job %s (attempt %d).", job.id, job.attempt)
-            task = asyncio.create_task(self._run(JobRun(self, job)))
-            self._running[job.id] = task
+            run = JobRun(self, job)
+            task = asyncio.create_task(self._run(run))
+            self._running[job.id], self._runs[job.id] = task, run
             task.add_done_callback(lambda _, job_id=job.id: self._job_done(job_id))
 
     def _job_done(self, job_id: str) -> None:
         self._running.pop(job_id, None)
+        self._runs.pop(job_id, None)
         self._wake.set()  # a slot is free: claim the next job now
 
     async def _run(self, run: JobRun) -> None:
@@ -180,10 +205,10 @@ class JobRunner:
         except asyncio.CancelledError:
             if isinstance(run.stopped_for, CancelRequested):
                 await self._cancelled(run)
-            elif not isinstance(run.stopped_for, LeaseLost):
-                raise  # the replica is shutting down: the lease runs out and another run takes over
-            else:
+            elif isinstance(run.stopped_for, LeaseLost):
                 logger.warning("Job %s: the lease was lost; another runner has it.", job.id)
+            elif not isinstance(run.stopped_for, Released):
+                raise
         except LeaseLost:
             logger.warning("Job %s: the lease was lost; another runner has it.", job.id)
         except Exception:

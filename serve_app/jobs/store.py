@@ -365,6 +365,18 @@ class JobStore:
         with self.engine.begin() as conn:
             return conn.execute(update(JOBS).where(*_fenced(job_id, token)).values(**values)).rowcount > 0
 
+    def release(self, job_id: str, token: str, *, now: float) -> bool:
+        """Hands a claimed job back to the queue (its runner is being stopped gracefully): it is
+        claimable at once, starts over, and the run does not count as an attempt.
+
+        Returns:
+            False when the lease is lost (nothing is written).
+        """
+        values = dict(updated_at=now, status="queued", stage="Queued again: its runner was stopped", lease_token=None,
+                      lease_expires_at=None, attempt=JOBS.c.attempt - 1, done_seconds=0.0, segments=[], text="", warnings=[])
+        with self.engine.begin() as conn:
+            return conn.execute(update(JOBS).where(*_fenced(job_id, token)).values(**values)).rowcount > 0
+
     def finish(self, job_id: str, token: Optional[str], *, status: str, now: float, retention_s: float,
                result: Optional[dict] = None, error: Optional[dict] = None, stage: str) -> Optional[Job]:
         """Ends a job: succeeded, failed or cancelled.
