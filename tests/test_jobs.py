@@ -174,8 +174,11 @@ def test_a_queued_job_is_cancelled_at_once_and_a_running_one_stops(serve_cluster
     audio = (data_dir / ZH_70S).read_bytes()
     running_id = submit(url, audio).json()["id"]
     queued = submit(url, audio).json()
+    lost_media = submit(url, (data_dir / EN).read_bytes()).json()["id"]
     wait_for(url, running_id, lambda j: j["status"] == "running")
     assert job(url, queued["id"])["status"] == "queued" and job(url, queued["id"])["queue_position"] == 1
+    assert job(url, lost_media)["queue_position"] == 2
+    (Path(serve_cluster.jobs_dir) / "media" / lost_media).unlink()  # as on a node that does not share the media directory
 
     cancelled = httpx.delete(f"{url}{JOBS}/{queued['id']}", timeout=30).json()
     assert cancelled["status"] == "cancelled"
@@ -192,6 +195,10 @@ def test_a_queued_job_is_cancelled_at_once_and_a_running_one_stops(serve_cluster
     assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "job_cancelled"
     # a finished job's DELETE removes it
     assert httpx.delete(f"{url}{JOBS}/{running_id}", timeout=30).json()["deleted"] is True
+    # the job whose upload went missing fails with a code that says so
+    failed = wait_for(url, lost_media, finished, timeout_s=120)[-1]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "job_media_missing", failed
+    assert "media directory" in failed["error"]["message"] and "/" not in failed["error"]["message"].split("(")[0]
 
 
 @pytest.mark.parametrize(

@@ -211,6 +211,10 @@ class JobRunner:
                 raise
         except LeaseLost:
             logger.warning("Job %s: the lease was lost; another runner has it.", job.id)
+        except FileNotFoundError:
+            logger.exception("Job %s: its upload is not in the media directory %s.", job.id, self.media.root)
+            await self._fail(run, {"message": "The job's upload is missing from the service's media directory (on a cluster of several nodes, "
+                                              "jobs.data_dir must be storage every node mounts).", "type": "server_error", "param": None, "code": "job_media_missing"})
         except Exception:
             logger.exception("Job %s failed in the runner.", job.id)
             await self._fail(run, {"message": "The job failed on the server.", "type": "server_error", "param": None, "code": "job_failed"})
@@ -226,7 +230,7 @@ class JobRunner:
             try:
                 await self._transcribe(run)
                 return
-            except (LeaseLost, asyncio.CancelledError):
+            except (LeaseLost, asyncio.CancelledError, FileNotFoundError):
                 raise
             except Exception as e:
                 error = json.loads(error_response_for(e).body)["error"]
