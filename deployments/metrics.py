@@ -47,19 +47,20 @@ class KeptGauges:
         self._period_s = period_s
         threading.Thread(target=self._keep, name="klipnote-gauges", daemon=True).start()
 
-    def set(self, gauge: Any, value: float) -> None:
+    def set(self, gauge: Any, value: float, tags: Optional[Dict[str, str]] = None) -> None:
+        tags = tags or {}
         with self._lock:
-            self._values[gauge] = value
-        gauge.set(value, tags={})
+            self._values[(gauge, tuple(sorted(tags.items())))] = value
+        gauge.set(value, tags=tags)
 
     def _keep(self) -> None:
         while True:
             time.sleep(self._period_s)
             with self._lock:
                 values = list(self._values.items())
-            for gauge, value in values:
+            for (gauge, tags), value in values:
                 try:
-                    gauge.set(value, tags={})
+                    gauge.set(value, tags=dict(tags))
                 except Exception:  # a metric must never stop the replica
                     pass
 

@@ -6,7 +6,7 @@ Ray's dashboard embeds Grafana dashboards built from `Panel`s and `Target`s
 (ray.dashboard.modules.metrics.dashboards); this one is built the same way, on the base of Ray's
 default dashboard: a `datasource` variable, and every query filtered by the `SessionName` and
 `Cluster` variables ({global_filters}). The metric names are those of `serve_app/metrics.py`,
-`deployments/metrics.py` and Ray Serve's own; tests/test_observability.py evaluates every query
+`deployments/metrics.py`, `serve_app/jobs/metrics.py` and Ray Serve's own; tests/test_observability.py evaluates every query
 here against a real Prometheus scraping the test cluster, so none can silently go empty.
 """
 
@@ -129,10 +129,28 @@ REPLICAS = Row(title="Replicas and memory", id=104, panels=[
           targets=[Target(expr=f"max(ray_klipnote_model_load_seconds{{{{{F}}}}}) by (application)", legend="{{application}}")]),
 ])
 
+JOBS = Row(title="Jobs", id=105, panels=[
+    Panel(id=22, title="Jobs queued and running", unit="short", stack=False, fill=0,
+          description="Jobs waiting and being transcribed now, across the job database (every runner replica reports the same count: the max is taken).",
+          targets=[Target(expr=f"max(ray_klipnote_jobs{{{{{F}}}}}) by (application, status)", legend="{{application}} {{status}}")]),
+    Panel(id=23, title="Jobs ended (last hour)", unit="short",
+          description="Jobs that succeeded, failed (by error code) or were cancelled.",
+          targets=[Target(expr=f"sum(increase(ray_klipnote_jobs_finished_total{{{{{F}}}}}[1h])) by (status, code)", legend="{{status}} {{code}}")]),
+    Panel(id=24, title="Job wait and run time", unit="s", stack=False, fill=0,
+          description="p50 and p95 of the seconds from submission to start, and from start to result of succeeded jobs.",
+          targets=[Target(expr=_quantile(0.5, "ray_klipnote_job_queue_seconds"), legend="queued p50"),
+                   Target(expr=_quantile(0.95, "ray_klipnote_job_queue_seconds"), legend="queued p95"),
+                   Target(expr=_quantile(0.5, "ray_klipnote_job_run_seconds"), legend="running p50"),
+                   Target(expr=_quantile(0.95, "ray_klipnote_job_run_seconds"), legend="running p95")]),
+    Panel(id=25, title="Webhook deliveries (last hour)", unit="short",
+          description="Webhook delivery attempts: delivered, retry (not delivered, tried again later), failed (refused, or no attempts left).",
+          targets=[Target(expr=f"sum(increase(ray_klipnote_job_webhooks_total{{{{{F}}}}}[1h])) by (outcome)", legend="{{outcome}}")]),
+])
+
 CONFIG = DashboardConfig(
     name="KLIPNOTE",
     default_uid=UID,
-    rows=[TRAFFIC, LATENCY, MODELS, ROUTING, REPLICAS],
+    rows=[TRAFFIC, LATENCY, MODELS, ROUTING, REPLICAS, JOBS],
     standard_global_filters=['SessionName=~"$SessionName"', 'ray_io_cluster=~"$Cluster"'],
     base_json_file_name="default_grafana_dashboard_base.json",
 )

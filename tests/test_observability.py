@@ -30,6 +30,7 @@ from runtime_envs.local_cluster import free_port
 from tests.conftest import ROOT
 from tests.test_admission import _stalled_upload
 from tests.test_hardening_live import _post
+from tests.test_webhooks import Receiver
 from tests.signals import looped_syllable, reversed_speech
 
 DASHBOARD = ROOT / "observability" / "klipnote_grafana_dashboard.json"
@@ -175,6 +176,19 @@ def _provoke_everything(serve_cluster, data_dir) -> Dict[str, object]:
     with pytest.raises(Exception, match="max_beam_size"):
         serve.get_app_handle("whisperx").transcribe.remote(decode_audio(en, max_seconds=3600), {"beam_size": 99}).result(timeout_s=600)
 
+    # a job, from its queue to its webhook
+    receiver = Receiver()
+    try:
+        submitted = httpx.post(f"{url}/v1/audio/transcriptions/jobs", files={"file": ("en.flac", en)}, data={"callback_url": receiver.url}, timeout=120)
+        assert submitted.status_code == 202, submitted.text
+        deadline = time.monotonic() + 600
+        while not receiver.requests:
+            assert time.monotonic() < deadline, "the job's webhook never came"
+            time.sleep(0.5)
+        assert json.loads(receiver.requests[0]["body"])["status"] == "succeeded"
+    finally:
+        receiver.close()
+
     # a fallback and a rejection, at the probe ingress
     r = _post(f"{url}/{PROBE}", zh, "zh.flac", response_format="verbose_json")
     assert r.status_code == 200 and r.headers["X-KlipNote-Fallback"] == "belle2->whisperx", r.text
@@ -238,6 +252,9 @@ def test_every_dashboard_query_returns_series_from_a_real_prometheus(serve_clust
     assert all("belle2" in apps for apps in guards.values()), guards
     assert {"application": "whisperx", "error": "InvalidOptionsError"} in [
         {k: m[k] for k in ("application", "error")} for m in labels("ray_klipnote_model_failures_total")]
+    assert {"status": "succeeded", "code": ""} in [{k: m[k] for k in ("status", "code")} for m in labels("ray_klipnote_jobs_finished_total")]
+    assert "delivered" in {m["outcome"] for m in labels("ray_klipnote_job_webhooks_total")}
+    assert {"queued", "running"} <= {m["status"] for m in labels('ray_klipnote_jobs{application="transcription"}')}
     # the SessionName variable's own query (label_values) finds this session
     sessions = {m.get("SessionName") for m in labels("group by (SessionName) (ray_node_network_receive_speed)")}
     assert session in sessions, sessions

@@ -19,6 +19,7 @@ import asyncio
 import collections
 import json
 import logging
+import math
 import os
 import time
 from contextlib import asynccontextmanager
@@ -33,6 +34,7 @@ from serve_app.config import IngressSettings
 from serve_app.errors import error_response_for
 from serve_app.formats import verbose_json
 from serve_app.jobs.media import MediaDir
+from serve_app.jobs.metrics import JobMetrics
 from serve_app.jobs.store import Job, JobStore
 from serve_app.jobs.webhooks import WebhookSettings, deliver, payload_for
 from serve_app.jobs.service import links
@@ -42,6 +44,9 @@ from serve_app.transcriber import Transcriber
 from serve_app.transcription import Finished, PieceDone
 
 logger = logging.getLogger(__name__)
+
+COUNT_EVERY_S = 5.0
+"""How often the queued and running jobs are counted for the metrics."""
 
 TRANSIENT_CODES = frozenset({"model_unavailable", "model_overloaded", "timeout", "model_replica_lost", "ingress_overloaded"})
 """Errors that a later try may not meet (a model app starting, scaling or busy): the job waits."""
@@ -69,6 +74,7 @@ class JobRun:
         self.stopped_for: Optional[Exception] = None
         self.segments: List[dict] = []
         self.text = ""
+        self.started = time.time()
 
     async def store(self, fn, *args, **kwargs):
         return await asyncio.to_thread(fn, *args, **kwargs)
@@ -96,10 +102,13 @@ class JobRun:
             raise LeaseLost()
 
     async def finish(self, status: str, stage: str, *, result: Optional[dict] = None, error: Optional[dict] = None) -> Optional[Job]:
-        return await self.store(
+        finished = await self.store(
             self.runner.store.finish, self.job.id, self.token, status=status, now=time.time(),
             retention_s=self.runner.jobs.retention_s, result=result, error=error, stage=stage,
         )
+        if finished is not None:
+            self.runner.metrics.finished(status, (error or {}).get("code") or "", time.time() - self.started)
+        return finished
 
 
 @serve.deployment(name="JobRunner", num_replicas=1, max_ongoing_requests=8, health_check_period_s=10)
@@ -123,6 +132,8 @@ class JobRunner:
             logger.warning("jobs.webhook_secret is not set: webhook deliveries go unsigned.")
         self._running: Dict[str, asyncio.Task] = {}
         self._runs: Dict[str, JobRun] = {}
+        self.metrics = JobMetrics()
+        self._counted_at = -math.inf
         self._by_model: Dict[str, int] = collections.Counter()
         self._model_freed = asyncio.Condition()
         self._wake = asyncio.Event()
@@ -164,7 +175,7 @@ class JobRunner:
 
     async def _work(self) -> None:
         while True:
-            for step in (self._claim_jobs, self._send_webhooks, self._remove_expired):
+            for step in (self._claim_jobs, self._send_webhooks, self._remove_expired, self._count_jobs):
                 try:
                     await step()
                 except Exception:
@@ -181,6 +192,8 @@ class JobRunner:
             if job is None:
                 return
             logger.info("Claimed job %s (attempt %d).", job.id, job.attempt)
+            if job.attempt == 1:
+                self.metrics.started(time.time() - job.created_at)
             run = JobRun(self, job)
             task = asyncio.create_task(self._run(run))
             self._running[job.id], self._runs[job.id] = task, run
@@ -342,7 +355,15 @@ class JobRunner:
         )
         if not outcome.delivered:
             logger.warning("Webhook of job %s not delivered (attempt %d): %s", job.id, job.webhook_attempts + 1, outcome.error)
+        self.metrics.webhook(outcome.delivered, retried=outcome.next_at is not None)
         await asyncio.to_thread(self.store.webhook_result, job.id, delivered=outcome.delivered, now=time.time(), next_at=outcome.next_at, error=outcome.error)
+
+    async def _count_jobs(self) -> None:
+        if time.monotonic() - self._counted_at < COUNT_EVERY_S:
+            return
+        self._counted_at = time.monotonic()
+        queued, running = await asyncio.to_thread(lambda: (self.store.count("queued"), self.store.count("running")))
+        self.metrics.counts(queued, running)
 
     async def _remove_expired(self) -> None:
         for job in await asyncio.to_thread(self.store.expired, now=time.time()):
