@@ -139,6 +139,8 @@ def test_api_keys_guard_every_route_but_health(secure_url, data_dir):
     assert r.headers["WWW-Authenticate"] == "Bearer"
     _error(_post(secure_url, clip, "a.flac", headers={"Authorization": "Bearer sk-wrong"}), 401, "invalid_api_key")
     _error(httpx.get(f"{secure_url}/v1/models", timeout=30), 401, "missing_api_key")
+    _error(httpx.get(f"{secure_url}/v1/audio/transcriptions/jobs", timeout=30), 401, "missing_api_key")
+    _error(httpx.post(f"{secure_url}/v1/audio/transcriptions/jobs", files={"file": ("a.flac", clip)}, timeout=30), 401, "missing_api_key")
     _error(httpx.get(f"{secure_url}/v1/info", timeout=30, headers={"Authorization": f"Basic {KEY}"}), 401, "missing_api_key")
 
     client = openai.OpenAI(base_url=f"{secure_url}/v1", api_key=KEY, max_retries=0, timeout=600)
