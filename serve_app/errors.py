@@ -102,6 +102,17 @@ class JobsQueueFullError(APIError):
         )
 
 
+class JobsUnavailableError(APIError):
+    def __init__(self, retry_after_s: int):
+        super().__init__(
+            503,
+            f"The job database cannot be reached; retry in {retry_after_s} s. Transcriptions that do not go through a job are not affected.",
+            type="server_error",
+            code="jobs_unavailable",
+            headers={"Retry-After": str(retry_after_s)},
+        )
+
+
 class JobsDisabledError(APIError):
     def __init__(self):
         super().__init__(404, "Transcription jobs are turned off on this service (jobs.enabled).", code="jobs_disabled")

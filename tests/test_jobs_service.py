@@ -116,3 +116,15 @@ def test_views_show_progress_and_hide_results_in_lists(tmp_path, data_dir):
 
 async def _collect(events):
     return [e async for e in events]
+
+
+def test_an_unreachable_job_database_is_a_503_not_a_dead_ingress(tmp_path, data_dir):
+    from tests.postgres import free_port
+
+    jobs = service(tmp_path, database_url=f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/klipnote_jobs")
+    for call in (lambda: submit(jobs, (data_dir / EN).read_bytes()), lambda: asyncio.run(jobs.get("job_0123456789abcdef0123")),
+                 lambda: asyncio.run(jobs.list(limit=5, after=None))):
+        with pytest.raises(APIError) as refused:
+            call()
+        assert refused.value.status == 503 and refused.value.code == "jobs_unavailable" and refused.value.headers["Retry-After"]
+    assert list((tmp_path / "media").iterdir()) == []

@@ -118,7 +118,7 @@ class JobRunner:
         send_to_serve_logs("serve_app", "deployments")
         self._settings = IngressSettings(**settings)
         self.jobs = self._settings.jobs
-        self.store = await asyncio.to_thread(JobStore, self.jobs.database())
+        self.store: Optional[JobStore] = None  # opened by the loop, which keeps trying while the database is away
         self.media = MediaDir(self.jobs.media())
         self._router = ModelRouter(self._settings)
         detector = await asyncio.to_thread(LanguageDetector, self._settings.language_id)
@@ -160,6 +160,8 @@ class JobRunner:
         does not count against `max_attempts`. A replica that dies leaves them to the leases."""
         self._loop.cancel()
         runs = list(self._runs.values())
+        if self.store is None:
+            return
         for run in runs:
             run.stopped_for = Released()
             self._running[run.job.id].cancel()
@@ -175,6 +177,9 @@ class JobRunner:
 
     async def _work(self) -> None:
         while True:
+            if self.store is None and not await self._open_store():
+                await asyncio.sleep(self.jobs.poll_s)
+                continue
             for step in (self._claim_jobs, self._send_webhooks, self._remove_expired, self._count_jobs):
                 try:
                     await step()
@@ -185,6 +190,14 @@ class JobRunner:
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
+
+    async def _open_store(self) -> bool:
+        try:
+            self.store = await asyncio.to_thread(JobStore, self.jobs.database())
+            return True
+        except Exception as e:
+            logger.warning("The job database cannot be reached (%s: %s); trying again.", type(e).__name__, e)
+            return False
 
     async def _claim_jobs(self) -> None:
         while len(self._running) < self.jobs.max_running:

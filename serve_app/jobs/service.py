@@ -12,12 +12,15 @@ import asyncio
 import json
 import logging
 import secrets
+import threading
 import time
 from typing import Any, AsyncIterator, BinaryIO, Dict, List, Optional, Tuple
 
 from serve_app.audio import AudioReader
 from serve_app.config import IngressSettings
-from serve_app.errors import APIError, JobNotFinishedError, JobNotFoundError, JobsQueueFullError
+from sqlalchemy.exc import SQLAlchemyError
+
+from serve_app.errors import APIError, JobNotFinishedError, JobNotFoundError, JobsQueueFullError, JobsUnavailableError
 from serve_app.formats import to_srt, to_vtt
 from serve_app.jobs.media import MediaDir
 from serve_app.jobs.store import Job, JobStore
@@ -103,11 +106,29 @@ class JobService:
     def __init__(self, settings: IngressSettings):
         self._settings = settings
         self._jobs = settings.jobs
-        self.store = JobStore(self._jobs.database())
+        self._store: Optional[JobStore] = None
+        self._opening = threading.Lock()
         self.media = MediaDir(self._jobs.media())
 
+    @property
+    def store(self) -> JobStore:
+        """The job database, opened on first use: while it cannot be reached, the job routes
+        answer 503 and everything else serves on."""
+        with self._opening:
+            if self._store is None:
+                self._store = JobStore(self._jobs.database())
+            return self._store
+
     async def _call(self, fn, *args, **kwargs):
-        return await asyncio.to_thread(fn, *args, **kwargs)
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except SQLAlchemyError as e:
+            logger.warning("The job database failed: %s", e)
+            raise JobsUnavailableError(self._settings.retry_after_s) from None
+
+    def _stored(self, method: str):
+        """A method of the store, looked up when called (in a worker thread: opening the database may block)."""
+        return lambda *args, **kwargs: getattr(self.store, method)(*args, **kwargs)
 
     async def submit(self, upload: BinaryIO, *, request: dict, callback_url: Optional[str]) -> dict:
         """Stores `upload` and records a queued job; returns the job as the API shows it.
@@ -121,7 +142,7 @@ class JobService:
                 callback_url = await self._call(check_callback_url, callback_url, allow_private=self._jobs.allow_private_callbacks)
             except CallbackURLError as e:
                 raise APIError(400, str(e), param="callback_url", code="invalid_callback_url") from None
-        queued = await self._call(self.store.count, "queued")
+        queued = await self._call(self._stored("count"), "queued")
         if queued >= self._jobs.max_queued:
             raise JobsQueueFullError(queued, self._settings.retry_after_s)
         job_id = new_job_id()
@@ -129,14 +150,14 @@ class JobService:
         try:
             total_s = await self._call(self._probe, job_id)
             job = await self._call(
-                self.store.create, job_id, request=request, media_name=job_id, media_bytes=size,
+                self._stored("create"), job_id, request=request, media_name=job_id, media_bytes=size,
                 total_seconds=total_s, callback_url=callback_url, now=time.time(),
             )
         except BaseException:
             await self._call(self.media.remove, job_id)
             raise
         logger.info("Queued job %s (%d bytes, %s s).", job_id, size, total_s)
-        return job_view(job, queue_position=await self._call(self.store.queue_position, job_id))
+        return job_view(job, queue_position=await self._call(self._stored("queue_position"), job_id))
 
     def _probe(self, media_name: str) -> Optional[float]:
         """The stored upload's length, once it has opened as audio (raises what a bad one is refused with)."""
@@ -148,14 +169,14 @@ class JobService:
                 reader.close()
 
     async def job(self, job_id: str) -> Job:
-        job = await self._call(self.store.get, job_id)
+        job = await self._call(self._stored("get"), job_id)
         if job is None:
             raise JobNotFoundError(job_id)
         return job
 
     async def get(self, job_id: str) -> dict:
         job = await self.job(job_id)
-        position = await self._call(self.store.queue_position, job_id) if job.status == "queued" else None
+        position = await self._call(self._stored("queue_position"), job_id) if job.status == "queued" else None
         return job_view(job, queue_position=position)
 
     async def result(self, job_id: str, fmt: str) -> Tuple[str, Any]:
@@ -163,7 +184,7 @@ class JobService:
 
     async def list(self, *, limit: int, after: Optional[str]) -> dict:
         try:
-            jobs, has_more = await self._call(self.store.list, limit=limit, after=after)
+            jobs, has_more = await self._call(self._stored("list"), limit=limit, after=after)
         except KeyError:
             raise JobNotFoundError(after) from None
         data = [job_view(j, with_result=False) for j in jobs]
@@ -184,20 +205,20 @@ class JobService:
         job = await self.job(job_id)
         if job.status == "queued":
             cancelled = await self._call(
-                self.store.finish, job_id, None, status="cancelled", now=time.time(),
+                self._stored("finish"), job_id, None, status="cancelled", now=time.time(),
                 retention_s=self._jobs.retention_s, stage="Cancelled before it started",
             )
             if cancelled is not None:
                 await self._call(self._remove_media, cancelled)
-                await self._call(self.store.media_removed, job_id)
+                await self._call(self._stored("media_removed"), job_id)
                 return {**job_view(cancelled), "cancel_requested": True}
             job = await self.job(job_id)  # a runner claimed it meanwhile: cancel it running
         if job.status == "running":
-            job = await self._call(self.store.request_cancel, job_id, now=time.time())
+            job = await self._call(self._stored("request_cancel"), job_id, now=time.time())
             if job is None:
                 raise JobNotFoundError(job_id)
             return {**job_view(job), "cancel_requested": True}
-        removed = await self._call(self.store.delete, job_id)
+        removed = await self._call(self._stored("delete"), job_id)
         if removed is None:
             raise JobNotFoundError(job_id)
         await self._call(self._remove_media, removed)
@@ -239,7 +260,7 @@ class JobService:
                 yield _end_event(job)
                 return
             await asyncio.sleep(poll_s)
-            fresh = await self._call(self.store.get, job_id)
+            fresh = await self._call(self._stored("get"), job_id)
             if fresh is None:
                 yield {"type": "error", "error": _error_body(JobNotFoundError(job_id))}
                 return
