@@ -188,6 +188,18 @@ def test_status_and_capacity_read_serves_dict_without_building_its_models(serve_
     assert ModelCapacity.from_serve(details, "transcription", ["belle2", "whisperx"]).per_ingress_replica == expected
 
 
+def _wait_in_flight(app: str, n: int, timeout_s: float = 60) -> None:
+    """Waits until the app's ingress holds exactly `n` admission slots. A request's slot is freed
+    just after its answer was sent, so a client that got its answer may still find the slot held;
+    and the proxy hands a new request (a stalled upload's) over later than the client sent it."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while (held := serve.get_app_handle(app).admission.remote().result(timeout_s=60)["in_flight"]) != n:
+        assert time.monotonic() < deadline, f"{app} holds {held} slot(s), not {n}"
+        time.sleep(0.1)
+
+
 def _stalled_upload(base_url: str, path: str):
     """A socket that sent a transcription's headers and 20 bytes of its body, then nothing."""
     import socket
@@ -260,9 +272,10 @@ def test_full_queues_fall_back_or_answer_503_never_hang(serve_cluster, data_dir)
 
         # a full ingress (`waiting` and an upload that stalls hold its two slots): 503 at once,
         # OpenAI's body, Retry-After
+        _wait_in_flight("probe-admission", 1)  # `waiting` alone
         holder = _stalled_upload(serve_cluster.url, "/probe-admission/v1/audio/transcriptions")
         try:
-            time.sleep(1)
+            _wait_in_flight("probe-admission", 2)
             r = _post(f"{serve_cluster.url}/probe-admission/v1/audio/transcriptions", short)
             assert r.status_code == 503, r.text
             assert r.headers["Retry-After"] == "5"

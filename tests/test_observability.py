@@ -28,7 +28,7 @@ import pytest
 from observability.dashboard import GPU_ONLY_METRICS, NOT_PROVOKED_IN_TESTS, build
 from runtime_envs.local_cluster import free_port
 from tests.conftest import ROOT
-from tests.test_admission import _stalled_upload
+from tests.test_admission import _stalled_upload, _wait_in_flight
 from tests.test_hardening_live import _post
 from tests.test_webhooks import Receiver
 from tests.signals import looped_syllable, reversed_speech
@@ -192,9 +192,10 @@ def _provoke_everything(serve_cluster, data_dir) -> Dict[str, object]:
     # a fallback and a rejection, at the probe ingress
     r = _post(f"{url}/{PROBE}", zh, "zh.flac", response_format="verbose_json")
     assert r.status_code == 200 and r.headers["X-KlipNote-Fallback"] == "belle2->whisperx", r.text
+    _wait_in_flight(PROBE, 0)
     holder = _stalled_upload(url, f"/{PROBE}/v1/audio/transcriptions")  # the probe's one slot, held
     try:
-        time.sleep(1)
+        _wait_in_flight(PROBE, 1)
         r = _post(f"{url}/{PROBE}", zh, "zh.flac")
         assert r.status_code == 503 and r.json()["error"]["code"] == "ingress_overloaded", r.text
         assert r.headers.get("X-Request-Id"), r.headers  # a refusal carries its id too
