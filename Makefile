@@ -98,7 +98,7 @@ system-packages:
 test: venvs models system-packages
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: venvs models
+test-fast: venvs models system-packages
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The benchmarks measure the service that `make serve` runs, next to direct library calls.
