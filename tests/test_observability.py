@@ -253,7 +253,7 @@ def test_every_dashboard_query_returns_series_from_a_real_prometheus(serve_clust
     assert all("belle2" in apps for apps in guards.values()), guards
     assert {"application": "whisperx", "error": "InvalidOptionsError"} in [
         {k: m[k] for k in ("application", "error")} for m in labels("ray_klipnote_model_failures_total")]
-    assert {"status": "succeeded", "code": ""} in [{k: m[k] for k in ("status", "code")} for m in labels("ray_klipnote_jobs_finished_total")]
+    assert {"status": "succeeded", "code": None} in [{k: m.get(k) for k in ("status", "code")} for m in labels("ray_klipnote_jobs_finished_total")]
     assert "delivered" in {m["outcome"] for m in labels("ray_klipnote_job_webhooks_total")}
     assert {"queued", "running"} <= {m["status"] for m in labels('ray_klipnote_jobs{application="transcription"}')}
     # the SessionName variable's own query (label_values) finds this session
