@@ -66,10 +66,16 @@ class Transcriber:
         *,
         segmentation: Optional[str] = None,
         streaming: bool = False,
+        quick_first_piece: Optional[bool] = None,
         timings: Optional[Dict[str, float]] = None,
     ) -> AsyncIterator[Transcription]:
         """A started `Transcription` of `audio` (an upload, its bytes or 16 kHz samples), its
         reader and piece feed closed on exit.
+
+        `streaming`: the answer starts before the end is read, so a recording that ends early is
+        transcribed with a warning rather than refused. `quick_first_piece` (by default as
+        `streaming`): a short first piece (`pieces.first_seconds_streaming`), so that the first
+        segments come early, at some cost in throughput (two model calls where one would do).
 
         `timings` (if given) receives the seconds spent opening the upload, in language ID and
         in the model apps.
@@ -94,7 +100,7 @@ class Transcriber:
         feed = feed_pieces(cut_pieces(
             blocks,
             piece_seconds=piece_seconds,
-            first_piece_seconds=pieces.first_seconds_streaming if streaming else piece_seconds,
+            first_piece_seconds=pieces.first_seconds_streaming if (streaming if quick_first_piece is None else quick_first_piece) else piece_seconds,
             search_seconds=pieces.cut_search_seconds,
         ), prepare=self._language_plan(requested, opts, total_s))
         subtitles = settings.subtitles

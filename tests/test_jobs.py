@@ -7,6 +7,7 @@ a 10 s lease. The kill-and-resume and whole-cluster-restart tests are marked `ch
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import httpx
 import pytest
 
 from serve_app.jobs.webhooks import DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, verify
+from tests.conftest import SMALL_PIECES
 from tests.postgres import postgres_url  # noqa: F401  (fixture)
 from tests.test_webhooks import Receiver
 
@@ -90,10 +92,9 @@ def test_a_job_from_submission_to_result_webhook_and_deletion(serve_cluster, dat
     states = wait_for(url, job_id, finished)
     done = states[-1]
     assert done["status"] == "succeeded", done
-    # progress moved: the first piece of a job is short (as a streamed answer's), the rest after it
-    progress = [s["progress"]["done_seconds"] for s in states if s["status"] == "running"]
-    assert any(0 < p < 70 for p in progress), states
+    # (a 70 s recording is one piece here: the PostgreSQL test's app cuts pieces of 20 s and sees progress move)
     assert [s["status"] for s in states] == sorted((s["status"] for s in states), key=["queued", "running", "succeeded"].index)
+    assert done["progress"]["done_seconds"] == pytest.approx(70.0, abs=1.0)
     assert done["model"] == "belle2" and done["progress"]["fraction"] == 1.0 and done["attempt"] == 1
     result = done["result"]
     assert result["language"] == "zh" and result["model"] == "belle2" and result["segments"]
@@ -150,23 +151,6 @@ def test_a_failed_webhook_delivery_is_retried(serve_cluster, data_dir, receiver)
     first, second = receiver.requests
     assert first["headers"][DELIVERY_HEADER.lower()] == second["headers"][DELIVERY_HEADER.lower()] == f"{job_id}:succeeded"
     assert verify(second["body"], second["headers"][SIGNATURE_HEADER.lower()], serve_cluster.webhook_secret, now=time.time())
-
-
-def test_events_follow_a_running_job_in_order(serve_cluster, data_dir):
-    url = serve_cluster.url
-    job_id = submit(url, (data_dir / ZH_70S).read_bytes()).json()["id"]
-    events = events_of(url, job_id)
-    kinds = [e["type"] for e in events]
-    assert kinds[-1] == "transcript.text.done", kinds
-    progress = [e for e in events if e["type"] == "transcript.progress"]
-    assert [p["status"] for p in progress][-1] == "succeeded"
-    running = [p["done_seconds"] for p in progress if p["status"] == "running"]
-    # seen while it ran: segments arrived before the end, between progress events
-    assert len(running) >= 2 and running == sorted(running) and running[-1] > 0, progress
-    first_segment = kinds.index("transcript.text.segment")
-    assert first_segment < len(kinds) - 2 and "transcript.progress" in kinds[first_segment:-1]
-    done = events[-1]
-    assert done["model"] == "belle2" and "segments" not in done and done["text"]
 
 
 def test_a_queued_job_is_cancelled_at_once_and_a_running_one_stops(serve_cluster, data_dir):
@@ -251,11 +235,13 @@ def test_another_ray_app_runs_jobs_through_the_handle(serve_cluster, data_dir):
     assert handle.delete_job.remote(created["id"]).result(timeout_s=30)["deleted"] is True
 
 
-def test_jobs_on_postgresql_with_limits_and_retention(serve_cluster, data_dir, postgres_url):  # noqa: F811
-    """A second ingress app whose jobs live in the real PostgreSQL server: two jobs at once, one
-    of them on belle2, one job queued at most, results kept for 8 s."""
+def test_jobs_on_postgresql_with_progress_limits_and_retention(serve_cluster, data_dir, postgres_url):  # noqa: F811
+    """A second ingress app whose jobs live in the real PostgreSQL server: pieces of 20 s (the
+    progress of a 70 s recording moves), two jobs at once, one of them on belle2, one job queued
+    at most, results kept for 8 s."""
     app = serve_cluster.app_config("transcription", jobs=True)
     app.update(name="probe-jobs-pg", route_prefix="/probe-jobs-pg")
+    app["args"]["pieces"] = dict(SMALL_PIECES)
     media = Path(serve_cluster.jobs_dir) / "pg"
     app["args"]["jobs"].update(database_url=postgres_url, data_dir=str(media), max_running=2,
                                max_running_per_model={"belle2": 1}, max_queued=1, retention_s=8)
@@ -266,6 +252,7 @@ def test_jobs_on_postgresql_with_limits_and_retention(serve_cluster, data_dir, p
         serve_cluster.wait(["probe-jobs-pg"])
         url = f"{serve_cluster.url}/probe-jobs-pg"
         long_zh = submit(url, (data_dir / ZH_70S).read_bytes()).json()["id"]
+        followed = concurrent.futures.ThreadPoolExecutor(1).submit(events_of, url, long_zh)
         wait_for(url, long_zh, lambda j: j["stage"] == "Transcribing with belle2")
         short_zh = submit(url, (data_dir / "zh_paddlespeech_zh.flac").read_bytes()).json()["id"]
         waiting = wait_for(url, short_zh, lambda j: j["stage"].startswith("Waiting for belle2") or finished(j))[-1]
@@ -276,6 +263,17 @@ def test_jobs_on_postgresql_with_limits_and_retention(serve_cluster, data_dir, p
         assert full.status_code == 429 and full.json()["error"]["code"] == "jobs_queue_full" and full.headers["retry-after"]
 
         done = {job_id: wait_for(url, job_id, finished)[-1] for job_id in (long_zh, short_zh, queued["id"])}
+
+        # the long job's events, followed from its submission: its progress moved piece by piece,
+        # each piece's segments before the progress that reports it, the result last
+        events = followed.result(timeout=120)
+        kinds = [e["type"] for e in events]
+        assert kinds[-1] == "transcript.text.done" and events[-1]["model"] == "belle2" and "segments" not in events[-1]
+        running = [e["done_seconds"] for e in events if e["type"] == "transcript.progress" and e["status"] == "running"]
+        assert len({p for p in running if 0 < p < 70}) >= 2 and running == sorted(running), running
+        first_segment = kinds.index("transcript.text.segment")
+        assert kinds.index("transcript.progress", first_segment) < len(kinds) - 2, kinds
+        assert "".join(e["delta"] for e in events if e["type"] == "transcript.text.delta") == events[-1]["text"]
         assert [done[j]["status"] for j in done] == ["succeeded"] * 3, done
         assert [done[j]["model"] for j in done] == ["belle2", "belle2", "whisperx"]
         assert done[short_zh]["started_at"] <= done[long_zh]["finished_at"]  # it waited running, not queued

@@ -287,7 +287,11 @@ class JobRunner:
         run.segments, run.text = [], ""
         await run.progress("Opening the recording; identifying its language")
         with open(self.media.path(job.media_name), "rb") as upload:
-            async with self._transcriber.open(upload, request["model"], opts, segmentation=request.get("segmentation"), streaming=True) as transcription:
+            # As a streamed answer, a recording that ends early gets a transcript and a warning (a
+            # job cannot turn into a 400 either); but nobody waits for its first segments, so its
+            # pieces are all as long as throughput wants (bench/jobs_overhead.py).
+            async with self._transcriber.open(upload, request["model"], opts, segmentation=request.get("segmentation"),
+                                              streaming=True, quick_first_piece=False) as transcription:
                 model = transcription.model
                 async with self._model_slot(run, model):
                     await run.progress(f"Transcribing with {model}", model=model)
