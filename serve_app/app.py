@@ -27,13 +27,13 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.contract import InvalidOptionsError, ModelUnavailableError, TranscribeOptions
+from deployments.contract import ModelUnavailableError, TranscribeOptions
 from deployments.core import package_versions, process_memory, release_free_memory_soon
 from deployments.logs import send_to_serve_logs
 from deployments.runtime import check_environment
 from serve_app.admission import AdmitTranscriptions, Admission, ModelCapacity, serve_details
 from serve_app.events import sse_stream, stream_events
-from serve_app.transcriber import Transcriber
+from serve_app.transcriber import Transcriber, check_segmentation
 from serve_app.config import AUTO_NAMES, IngressSettings
 from serve_app.errors import APIError, ErrorResponse, JobsDisabledError, UploadTooLargeError, create_error_response, error_response_for, redact_paths
 from serve_app.formats import render, server_timing
@@ -313,8 +313,7 @@ class TranscriptionIngress:
     ) -> dict:
         """Queues a transcription job of `audio` (an encoded file) for another Ray app; returns
         the job as `GET /v1/audio/transcriptions/jobs/{id}` shows it. Options as `transcribe`'s."""
-        if segmentation not in (None, "subtitle", "raw"):
-            raise InvalidOptionsError(f"Got {segmentation!r} for segmentation; expected 'subtitle' or 'raw'.")
+        check_segmentation(segmentation)
         opts = TranscribeOptions.from_dict({"language": language, **options})
         request = {"model": model, "options": opts.to_dict(), "segmentation": segmentation, "words": opts.word_timestamps,
                    "response_format": "verbose_json", "filename": filename}

@@ -23,6 +23,12 @@ from serve_app.routing import ModelRouter
 from serve_app.transcription import Transcription, plan_languages
 
 
+def check_segmentation(segmentation: Optional[str]) -> None:
+    """Raises InvalidOptionsError unless `segmentation` is None, "subtitle" or "raw"."""
+    if segmentation not in (None, "subtitle", "raw"):
+        raise InvalidOptionsError(f"Got {segmentation!r} for segmentation; expected 'subtitle' or 'raw'.")
+
+
 @dataclass
 class Transcriber:
     """What a transcription is started with: the settings, the model router and language ID."""
@@ -81,8 +87,7 @@ class Transcriber:
         in the model apps.
         """
         timings = {} if timings is None else timings
-        if segmentation not in (None, "subtitle", "raw"):
-            raise InvalidOptionsError(f"Got {segmentation!r} for segmentation; expected 'subtitle' or 'raw'.")
+        check_segmentation(segmentation)
         settings = self.settings
         pieces = settings.pieces
         reader: Optional[AudioReader] = None

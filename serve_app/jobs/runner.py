@@ -72,6 +72,7 @@ class JobRun:
         self.job = job
         self.token = job.lease_token
         self.stopped_for: Optional[Exception] = None
+        self.task: Optional[asyncio.Task] = None
         self.segments: List[dict] = []
         self.text = ""
         self.started = time.time()
@@ -130,7 +131,6 @@ class JobRunner:
         )
         if self.jobs.webhook_secret is None:
             logger.warning("jobs.webhook_secret is not set: webhook deliveries go unsigned.")
-        self._running: Dict[str, asyncio.Task] = {}
         self._runs: Dict[str, JobRun] = {}
         self.metrics = JobMetrics()
         self._counted_at = -math.inf
@@ -148,7 +148,7 @@ class JobRunner:
 
     def state(self) -> dict:
         """This replica's process id and the jobs it runs now (operators, tests)."""
-        return {"pid": os.getpid(), "running": sorted(self._running)}
+        return {"pid": os.getpid(), "running": sorted(self._runs)}
 
     def check_health(self) -> None:
         if self._loop.done():  # the loop never ends by itself: restart the replica
@@ -164,8 +164,8 @@ class JobRunner:
             return
         for run in runs:
             run.stopped_for = Released()
-            self._running[run.job.id].cancel()
-        await asyncio.wait([self._running[run.job.id] for run in runs if run.job.id in self._running] or [self._loop], timeout=5)
+            run.task.cancel()
+        await asyncio.wait([run.task for run in runs] or [self._loop], timeout=5)
         for run in runs:
             try:
                 if await asyncio.to_thread(self.store.release, run.job.id, run.token, now=time.time()):
@@ -200,7 +200,7 @@ class JobRunner:
             return False
 
     async def _claim_jobs(self) -> None:
-        while len(self._running) < self.jobs.max_running:
+        while len(self._runs) < self.jobs.max_running:
             job = await asyncio.to_thread(self.store.claim, now=time.time(), lease_s=self.jobs.lease_s)
             if job is None:
                 return
@@ -208,12 +208,11 @@ class JobRunner:
             if job.attempt == 1:
                 self.metrics.started(time.time() - job.created_at)
             run = JobRun(self, job)
-            task = asyncio.create_task(self._run(run))
-            self._running[job.id], self._runs[job.id] = task, run
-            task.add_done_callback(lambda _, job_id=job.id: self._job_done(job_id))
+            run.task = asyncio.create_task(self._run(run))
+            self._runs[job.id] = run
+            run.task.add_done_callback(lambda _, job_id=job.id: self._job_done(job_id))
 
     def _job_done(self, job_id: str) -> None:
-        self._running.pop(job_id, None)
         self._runs.pop(job_id, None)
         self._wake.set()  # a slot is free: claim the next job now
 

@@ -14,7 +14,7 @@ import logging
 import secrets
 import threading
 import time
-from typing import Any, AsyncIterator, BinaryIO, Dict, List, Optional, Tuple
+from typing import Any, AsyncIterator, BinaryIO, Dict, Optional, Tuple
 
 from serve_app.audio import AudioReader
 from serve_app.config import IngressSettings
@@ -267,8 +267,8 @@ class JobService:
             job = fresh
 
     async def sse(self, job_id: str) -> AsyncIterator[bytes]:
-        """`events` as server-sent events, with a keep-alive comment on a quiet stream."""
-        await self.job(job_id)  # an unknown job is a 404, before the stream starts
+        """`events` as server-sent events, with a keep-alive comment on a quiet stream. (The route
+        looks the job up first: an unknown one is a 404, which a started stream cannot be.)"""
         events = self.events(job_id)
         next_event = asyncio.ensure_future(anext(events, None))
         try:
@@ -320,5 +320,3 @@ def list_limit(limit: int) -> int:
         raise APIError(400, f"Got limit={limit}; it must be between 1 and 100.", param="limit", code="invalid_limit")
     return limit
 
-
-__all__: List[str] = ["JobService", "job_view", "job_request", "links", "render_result", "JOBS_PATH", "RESULT_FORMATS", "list_limit", "new_job_id"]
