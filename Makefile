@@ -83,8 +83,10 @@ stop:
 
 # Real components the tests run (Debian packages): Prometheus scrapes the test cluster and
 # answers every query of the Grafana dashboard (tests/test_observability.py); PostgreSQL serves
-# the job store's tests (tests/test_job_store.py), one server of their own per test session.
-SYSTEM_PACKAGES := prometheus postgresql
+# the job store's tests (tests/test_job_store.py), one server of their own per test session;
+# Chromium runs the web page's browser tests (tests/test_web_page.py, Playwright drives it), with
+# a CJK font so the page's Chinese cues render in its screenshots.
+SYSTEM_PACKAGES := prometheus postgresql chromium fonts-wqy-microhei
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 system-packages:
 	@missing=""

@@ -39,6 +39,7 @@ from serve_app.errors import APIError, ErrorResponse, JobsDisabledError, UploadT
 from serve_app.formats import render, server_timing
 from serve_app.guards import ApiKeys, RequireApiKey, UploadLimits, configure
 from serve_app.langid import LanguageDetector
+from serve_app.page import add_page_routes
 from serve_app.protocol import JobRequest, TranscriptionRequest
 from serve_app.jobs.service import JOBS_PATH, RESULT_FORMATS, JobService, job_request, list_limit
 from serve_app.routing import AUTO, ModelRouter
@@ -59,7 +60,10 @@ api = FastAPI(
     description="Speech to subtitle-ready text from the deployed model apps, routed by language "
     "(by default BELLE-2 for Mandarin, WhisperX for everything else); GET /v1/models lists them.",
     version="0.1.0",
+    docs_url=None,  # served offline by add_page_routes
+    redoc_url=None,
 )
+add_page_routes(api)
 
 
 @api.exception_handler(RequestValidationError)

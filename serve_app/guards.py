@@ -19,7 +19,13 @@ from serve_app.admission import Admission, route_path
 from serve_app.errors import APIError, UploadTooLargeError, create_error_response, error_response_for
 
 OPEN_PATHS = frozenset({"/", "/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
-"""Routes that need no API key: health checks, and the docs (which hold no data)."""
+"""Routes that need no API key: health checks, the web page and the docs (which hold no data)."""
+OPEN_PREFIXES = ("/static/",)
+"""The page's and the docs' files, as `OPEN_PATHS`."""
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
 class ApiKeys:
@@ -67,14 +73,14 @@ def configure(app, *, admission: Admission, api_keys: ApiKeys, upload_idle_timeo
 
 class RequireApiKey:
     """401 in OpenAI's shape for a request without a valid `Authorization: Bearer <key>`,
-    when API keys are configured; `OPEN_PATHS` and CORS preflights pass."""
+    when API keys are configured; open paths (`is_open`) and CORS preflights pass."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         keys: Optional[ApiKeys] = getattr(scope["app"].state, "api_keys", None) if scope["type"] == "http" else None
-        if not keys or route_path(scope) in OPEN_PATHS or scope["method"] == "OPTIONS":
+        if not keys or is_open(route_path(scope)) or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")

@@ -246,8 +246,11 @@ class JobService:
                 sent_text = text
             for i in range(sent_segments, len(segments)):
                 seg = segments[i]
-                yield {"type": "transcript.text.segment", "id": f"seg_{i}", "start": seg["start"], "end": seg["end"],
-                       "text": seg["text"], "speaker": seg.get("speaker"), "language": seg.get("language")}
+                event = {"type": "transcript.text.segment", "id": f"seg_{i}", "start": seg["start"], "end": seg["end"],
+                         "text": seg["text"], "speaker": seg.get("speaker"), "language": seg.get("language")}
+                if seg.get("words"):  # as a streamed transcription's segment events
+                    event["words"] = seg["words"]
+                yield event
             sent_segments = max(sent_segments, len(segments))
             state = (job.status, job.stage, job.done_seconds, len(job.warnings))
             if state != last_state:
