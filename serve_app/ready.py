@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         health = r.read().decode()
     print("Applications: " + ", ".join(f"{n} {s}" for n, s in statuses.items()))
     print(f"Health: {health}")
-    print(f"KlipNote Serve is up at {args.url} (API docs: {args.url}/docs; `make status`, `make stop`).")
+    print(f"KlipNote Serve is up at {args.url}: open {args.url}/ in a browser (API docs: {args.url}/docs; `make status`, `make stop`).")
     return 0
 
 

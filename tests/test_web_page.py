@@ -343,6 +343,24 @@ def test_a_recording_from_the_microphone_is_transcribed(visit, base_url, mandari
     assert cues and sum(len(HAN.findall(c["text"])) for c in cues) >= 15, cues
 
 
+def test_a_named_model_that_does_not_take_the_language_heard_is_warned_about_in_plain_words(visit, base_url, data_dir):
+    english = data_dir / "en_jfk.flac"
+    direct = httpx.post(f"{base_url}/v1/audio/transcriptions", files={"file": (english.name, english.read_bytes())},
+                        data={"model": "belle2", "response_format": "verbose_json"}, timeout=300).json()
+    assert direct["warnings"], direct  # the service warns: BELLE-2 decodes Mandarin only
+    v = visit(viewport={"width": 1280, "height": 800})
+    page = v.page
+    page.goto(base_url + "/")
+    page.wait_for_selector("#model option[value=belle2]", state="attached")
+    page.select_option("#model", "belle2")
+    page.set_input_files("#file-input", str(english))
+    page.click("#submit")
+    assert v.wait_state("done", "error") == "done", page.text_content("#error")
+    shown = page.locator("#warnings li").all_text_contents()
+    assert set(direct["warnings"]) <= set(shown), (direct["warnings"], shown)
+    assert page.locator("#warnings").is_visible() and "belle2" in page.text_content("#model-used")
+
+
 KEY = "sk-page-test"
 KEYED_PREFIX = "/page-keyed"
 

@@ -820,9 +820,25 @@ function finishRun(run, done) {
   setStatus(doneSummary(result));
 }
 
+function languageName(code) {
+  return LANGUAGE_NAMES.get(code) || code;
+}
+
+/** What language ID heard: each language's share of a mixed recording, or how sure it was of one. */
+function heardLanguages(result) {
+  const languages = Array.isArray(result.languages) ? result.languages.filter((l) => l && l.language) : [];
+  if (languages.length > 1) {
+    return languages.map((l) => `${languageName(l.language)} ${Math.round((l.share || 0) * 100)}%`).join(", ");
+  }
+  if (!result.language) return "";
+  const sure = typeof result.language_probability === "number" ? `, language ID ${Math.round(result.language_probability * 100)}% sure` : "";
+  return languageName(result.language) + sure;
+}
+
 function doneSummary(result) {
   const parts = [`Done: ${app.cues.length} ${app.cues.length === 1 ? "cue" : "cues"}`];
-  if (result.language) parts.push(LANGUAGE_NAMES.get(result.language) || result.language);
+  const heard = heardLanguages(result);
+  if (heard) parts.push(heard);
   if (result.duration) parts.push(formatClock(result.duration));
   return parts.join(" · ");
 }
