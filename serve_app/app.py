@@ -41,7 +41,7 @@ from serve_app.guards import ApiKeys, RequireApiKey, UploadLimits, configure
 from serve_app.langid import LanguageDetector
 from serve_app.page import add_page_routes
 from serve_app.protocol import JobRequest, TranscriptionRequest
-from serve_app.jobs.service import JOBS_PATH, RESULT_FORMATS, JobService, job_request, list_limit
+from serve_app.jobs.service import JOBS_PATH, RESULT_FORMATS, JobService, job_request, list_limit, under_prefix
 from serve_app.routing import AUTO, ModelRouter
 from serve_app import metrics as ingress_metrics
 from serve_app.metrics import RecordRequests
@@ -209,7 +209,7 @@ class TranscriptionIngress:
     # -- jobs (serve_app/jobs/) ----------------------------------------------------------------
 
     @api.post(JOBS_PATH, status_code=202, responses=_ERROR_RESPONSES)
-    async def create_job(self, request: JobRequest = Depends(job_form)) -> JSONResponse:
+    async def create_job(self, http: Request, request: JobRequest = Depends(job_form)) -> JSONResponse:
         """Queues a transcription of the upload; answers 202 with the job at once. Follow it with
         GET .../jobs/{id} or .../jobs/{id}/events; its result stays for `jobs.retention_s`."""
         if request.stream:
@@ -217,19 +217,20 @@ class TranscriptionIngress:
         upload = self._spooled_upload(request)
         job = await self._job_service().submit(upload, request=job_request(request, filename=request.file.filename), callback_url=request.callback_url)
         self._wake_job_runner()
+        job = under_prefix(job, http.scope.get("root_path", ""))
         return JSONResponse(job, status_code=202, headers={"Location": job["links"]["self"]})
 
     @api.get(JOBS_PATH)
-    async def list_jobs_http(self, limit: int = 20, after: Optional[str] = None) -> dict:
+    async def list_jobs_http(self, http: Request, limit: int = 20, after: Optional[str] = None) -> dict:
         """Jobs, newest first, `limit` at a time (1-100); `after` is the last id of the page before."""
-        return await self._job_service().list(limit=list_limit(limit), after=after)
+        return under_prefix(await self._job_service().list(limit=list_limit(limit), after=after), http.scope.get("root_path", ""))
 
     @api.get(JOBS_PATH + "/{job_id}", responses=_ERROR_RESPONSES)
-    async def get_job_http(self, job_id: str, format: Optional[str] = None) -> Response:
+    async def get_job_http(self, http: Request, job_id: str, format: Optional[str] = None) -> Response:
         """The job: status, stage, progress, model, warnings, and its result (verbose_json) once it
         succeeded; `?format=srt|vtt|text|json|verbose_json` answers the result alone, rendered."""
         if format is None:
-            return JSONResponse(await self._job_service().get(job_id))
+            return JSONResponse(under_prefix(await self._job_service().get(job_id), http.scope.get("root_path", "")))
         if format not in RESULT_FORMATS:
             raise APIError(400, f"Got format={format!r}; expected one of {list(RESULT_FORMATS)}.", param="format", code="invalid_format")
         media_type, content = await self._job_service().result(job_id, format)
@@ -238,9 +239,9 @@ class TranscriptionIngress:
         return Response(content, media_type=f"{media_type}; charset=utf-8")
 
     @api.delete(JOBS_PATH + "/{job_id}", responses=_ERROR_RESPONSES)
-    async def delete_job_http(self, job_id: str) -> dict:
+    async def delete_job_http(self, http: Request, job_id: str) -> dict:
         """Cancels a queued or running job; removes a finished one with its result and media."""
-        return await self._job_service().delete(job_id)
+        return under_prefix(await self._job_service().delete(job_id), http.scope.get("root_path", ""))
 
     @api.get(JOBS_PATH + "/{job_id}/events", responses=_ERROR_RESPONSES)
     async def job_events_http(self, job_id: str) -> StreamingResponse:

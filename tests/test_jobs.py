@@ -257,8 +257,12 @@ def test_jobs_on_postgresql_with_progress_limits_and_retention(serve_cluster, da
         short_zh = submit(url, (data_dir / "zh_paddlespeech_zh.flac").read_bytes()).json()["id"]
         waiting = wait_for(url, short_zh, lambda j: j["stage"].startswith("Waiting for belle2") or finished(j))[-1]
         assert waiting["status"] == "running" and waiting["stage"] == "Waiting for belle2, which runs 1 job(s) at once", waiting
-        queued = submit(url, (data_dir / EN).read_bytes()).json()
+        answer = submit(url, (data_dir / EN).read_bytes())
+        queued = answer.json()
         assert queued["status"] == "queued" and queued["queue_position"] == 1, queued
+        # links and Location under the app's route prefix, where a client reaches them
+        assert answer.headers["location"] == queued["links"]["self"] == f"/probe-jobs-pg{JOBS}/{queued['id']}"
+        assert httpx.get(f"{serve_cluster.url}{queued['links']['self']}", timeout=30).json()["links"] == queued["links"]
         full = submit(url, (data_dir / EN).read_bytes())
         assert full.status_code == 429 and full.json()["error"]["code"] == "jobs_queue_full" and full.headers["retry-after"]
 

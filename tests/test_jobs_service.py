@@ -13,7 +13,7 @@ from serve_app.admission import is_transcription
 from serve_app.audio import UnsupportedMediaError
 from serve_app.config import IngressSettings, JobSettings
 from serve_app.errors import APIError, JobNotFinishedError, JobNotFoundError, JobsQueueFullError
-from serve_app.jobs.service import JobService, job_view, new_job_id
+from serve_app.jobs.service import JOBS_PATH, JobService, job_view, links, new_job_id, under_prefix
 
 EN = "en_jfk.flac"
 
@@ -128,3 +128,12 @@ def test_an_unreachable_job_database_is_a_503_not_a_dead_ingress(tmp_path, data_
             call()
         assert refused.value.status == 503 and refused.value.code == "jobs_unavailable" and refused.value.headers["Retry-After"]
     assert list((tmp_path / "media").iterdir()) == []
+
+
+def test_links_go_under_the_route_prefix_of_the_request():
+    job = {"id": "job_1", "links": links("job_1")}
+    assert under_prefix(dict(job), "") == job
+    assert under_prefix(dict(job), "/team/")["links"]["events"] == f"/team{JOBS_PATH}/job_1/events"
+    listed = under_prefix({"object": "list", "data": [{"id": "job_1", "links": links("job_1")}]}, "/team")
+    assert listed["data"][0]["links"]["self"] == f"/team{JOBS_PATH}/job_1"
+    assert under_prefix({"id": "job_1", "object": "transcription.job", "deleted": True}, "/team") == {"id": "job_1", "object": "transcription.job", "deleted": True}

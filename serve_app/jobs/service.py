@@ -48,6 +48,18 @@ def links(job_id: str, base: str = "") -> Dict[str, str]:
     }
 
 
+def under_prefix(body: dict, root_path: str) -> dict:
+    """A job, or a list of jobs, with its links under the app's route prefix (an HTTP request's
+    root_path), as a client outside the cluster reaches them."""
+    root = root_path.rstrip("/")
+    if not root:
+        return body
+    for job in body.get("data", [body]):
+        if isinstance(job.get("links"), dict):
+            job["links"] = {name: root + url for name, url in job["links"].items()}
+    return body
+
+
 def job_view(job: Job, *, queue_position: Optional[int] = None, with_result: bool = True) -> dict:
     """A job as the API shows it (`with_result=False` in lists: results can be large)."""
     total = job.total_seconds
