@@ -23,7 +23,7 @@ BASE_TAG = '<base href="/">'
 
 PAGE_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
-    "media-src 'self' blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'self'"
+    "media-src 'self' blob:; connect-src 'self'; object-src 'none'; base-uri 'self'; frame-ancestors 'self'"
 )
 """The page may load and call nothing but this service (and play the local file it was given)."""
 

@@ -6,8 +6,6 @@ in as `now`, so leases expire without sleeping.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -353,17 +351,3 @@ def test_webhook_fails_when_retries_run_out(store):
     job = store.get("job_1")
     assert (job.webhook_state, job.webhook_attempts, job.webhook_error) == ("failed", 1, "connection refused")
     assert store.due_webhooks(now=T0 + 1000) == []
-
-
-# The source
-
-
-def test_store_passes_ruff():
-    venv_ruff = ROOT / ".venvs" / "ingress" / "bin" / "ruff"
-    ruff = str(venv_ruff) if venv_ruff.exists() else shutil.which("ruff")
-    if ruff is None:
-        pytest.skip("ruff is not installed")
-    done = subprocess.run([ruff, "check", "--select", "F,E9", "serve_app/jobs/store.py", "tests/postgres.py",
-                           "tests/test_job_store.py"], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
-

@@ -59,6 +59,7 @@ def test_the_page_loads_its_own_files_under_a_policy_that_allows_nothing_else(cl
     assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/html")
     policy = answer.headers["content-security-policy"]
     assert "default-src 'self'" in policy and "connect-src 'self'" in policy and "script-src 'self'" in policy
+    assert "base-uri 'self'" in policy  # 'none' would refuse the page's own <base>
     assert '<base href="/">' in answer.text
     urls = references(answer.text)
     assert "static/app.js" in urls and "static/app.css" in urls

@@ -1,7 +1,8 @@
 """The web page at `/` in a real browser (Debian's Chromium, driven by Playwright) against the
 session cluster: a Mandarin video transcribed, played from a clicked cue, edited and downloaded;
-a long, mostly silent recording whose cues arrive while it runs; the microphone (Chromium's fake
-capture device playing a Mandarin clip); an ingress at a route prefix with API keys and jobs off;
+a long, mostly silent recording whose cues arrive while it runs, and which a reload of the page
+picks up again with its edits; the microphone (Chromium's fake capture device playing a Mandarin
+clip); a named model's language warning; an ingress at a route prefix with API keys and jobs off;
 an upload that is not media, on a phone-sized screen; and the API docs rendered with no network
 beyond the service.
 
@@ -281,8 +282,9 @@ def test_a_mandarin_video_is_transcribed_played_from_a_clicked_cue_edited_and_do
     assert v.elsewhere() == []
 
 
-def test_a_long_mostly_silent_recording_shows_progress_and_its_cues_arrive_while_it_runs(visit, base_url, media_dir):
-    # 20 minutes, three Mandarin sentences in it: five 240 s pieces, each reported as it is done.
+@pytest.fixture(scope="module")
+def quiet_lecture(media_dir) -> tuple:
+    """20 minutes, three Mandarin sentences in it: five 240 s pieces, each reported as it is done."""
     placed_at = (5.0, 430.0, 1010.0)
     audio = np.zeros(20 * 60 * SAMPLE_RATE, np.float32)
     clips = []
@@ -291,8 +293,11 @@ def test_a_long_mostly_silent_recording_shows_progress_and_its_cues_arrive_while
         start = int(at * SAMPLE_RATE)
         audio[start:start + clip.size] = clip
         clips.append(Clip(name, "zh", at, at + clip.size / SAMPLE_RATE))
-    recording = encode_opus(audio, media_dir / "long-quiet-lecture.webm")
+    return encode_opus(audio, media_dir / "long-quiet-lecture.webm"), clips
 
+
+def test_a_long_mostly_silent_recording_shows_progress_and_its_cues_arrive_while_it_runs(visit, base_url, quiet_lecture):
+    recording, clips = quiet_lecture
     v = visit(viewport={"width": 1280, "height": 800})
     page = v.page
     # Each cue's arrival, with the page's state and progress at that moment.
@@ -323,6 +328,56 @@ def test_a_long_mostly_silent_recording_shows_progress_and_its_cues_arrive_while
     assert first["state"] == "running" and first["value"] < first["max"], arrivals  # arrived before the end
     assert page.evaluate("(p => p.value >= p.max)(document.querySelector('#progress'))")
     assert "20:00" in page.text_content("#status") or "20:00" in page.text_content("#progress-text, #status")
+    assert v.elsewhere() == []
+
+
+def test_a_reload_picks_the_transcription_up_again_with_its_edits(visit, base_url, quiet_lecture):
+    recording, clips = quiet_lecture
+    v = visit(viewport={"width": 1280, "height": 800})
+    page = v.page
+    page.goto(base_url + "/")
+    page.wait_for_selector("#model option[value=belle2]", state="attached")
+    page.set_input_files("#file-input", str(recording))
+    page.click("#submit")
+    page.wait_for_selector("#cues li.cue", state="attached", timeout=DONE_TIMEOUT_MS)
+    assert page.evaluate("document.body.dataset.state") == "running"  # reloaded mid-run
+
+    page.reload()
+    page.wait_for_selector("#resumed:not([hidden])")
+    assert "long-quiet-lecture.webm" in page.text_content("#resumed-text")
+    assert v.wait_state("done", "error") == "done", page.text_content("#error")
+    cues = v.cues()
+    _within_clips(cues, clips)  # each cue once, though the events were replayed from the start
+    assert {clip_at(clips, c["start"], c["end"]).file for c in cues} == set(MANDARIN)
+    assert len({c["start"] for c in cues}) == len(cues)
+
+    # An edit survives the next reload.
+    edited = "重新加载后还在的字幕"
+    page.locator("#cues li.cue").nth(0).locator(".cue-text").click()
+    page.keyboard.press("Control+A")
+    page.keyboard.type(edited)
+    page.keyboard.press("Escape")
+    page.reload()
+    assert v.wait_state("done", "error") == "done"
+    assert [c["text"] for c in v.cues()] == [edited] + [c["text"] for c in cues[1:]]
+    page.wait_for_selector("#cues li.cue.edited[data-index='0']", state="attached")
+
+    # The same file chosen again plays beside the cues; nothing is transcribed again.
+    posts = []
+    page.on("request", lambda request: request.method == "POST" and posts.append(request.url))
+    page.set_input_files("#resumed-file", str(recording))
+    v.until("!!document.querySelector('#media') && document.querySelector('#media').src.startsWith('blob:')")
+    assert len(v.cues()) == len(cues) and page.evaluate("document.body.dataset.state") == "done" and posts == []
+    page.locator("#cues li.cue").nth(1).locator(".cue-time").click()
+    assert v.media_time() == pytest.approx(cues[1]["start"], abs=1e-3)
+    assert edited in v.download("#download-srt")
+
+    # Start over: the page forgets the job; a reload picks nothing up.
+    page.click("#resumed-dismiss")
+    assert v.cues() == [] and page.evaluate("localStorage.getItem('klipnote.job')") is None
+    page.reload()
+    page.wait_for_selector("#model option[value=belle2]", state="attached")
+    assert page.evaluate("document.body.dataset.state") == "idle" and page.locator("#resumed").is_hidden()
     assert v.elsewhere() == []
 
 
@@ -386,7 +441,7 @@ def test_under_a_route_prefix_with_api_keys_and_no_jobs_the_page_asks_for_the_ke
     page = v.page
     sent = []
     page.on("request", lambda request: request.url.startswith("blob:") or sent.append((urlsplit(request.url).path, request.headers.get("authorization"))))
-    page.goto(keyed_url + "/")
+    page.goto(keyed_url)  # no trailing slash: the page's <base> keeps its URLs under the prefix
     # The page and its files are open; the API is not: the page says so and opens its settings.
     page.wait_for_selector("#error:not([hidden])")
     assert "API key" in page.text_content("#error") and page.evaluate("document.querySelector('#settings').open")
@@ -401,7 +456,7 @@ def test_under_a_route_prefix_with_api_keys_and_no_jobs_the_page_asks_for_the_ke
     assert any(HAN.search(c["text"]) for c in v.cues())
     api_calls = [(path, auth) for path, auth in sent if "/v1/" in path]
     # Everything stayed under the prefix; with jobs off the page streamed a plain transcription.
-    assert all(path.startswith(KEYED_PREFIX + "/") for path, _ in sent), sent
+    assert all(path == KEYED_PREFIX or path.startswith(KEYED_PREFIX + "/") for path, _ in sent), sent
     assert (f"{KEYED_PREFIX}/v1/audio/transcriptions", f"Bearer {KEY}") in api_calls, api_calls
     assert v.elsewhere() == []
 

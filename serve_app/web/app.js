@@ -9,6 +9,11 @@ const API = {
   transcriptions: "v1/audio/transcriptions",
 };
 const API_KEY_STORAGE = "klipnote.apiKey";
+// The latest job, so that a reload picks its transcription up again; its cue edits beside it.
+const JOB_STORAGE = "klipnote.job";
+const EDITS_STORAGE_PREFIX = "klipnote.edits.";
+const EDITS_SAVE_DELAY_MS = 300;
+const IDLE_STATUS = "Choose or record a file to start.";
 const RECONNECT_DELAY_MS = 2000;
 const MAX_RECONNECTS = 5;
 // media.currentTime may read back a hair below the cue start it was just set to.
@@ -301,6 +306,55 @@ function saveApiKey(key) {
   }
 }
 
+function readStored(key) {
+  try {
+    return parseJson(localStorage.getItem(key));
+  } catch {
+    return null; // storage blocked
+  }
+}
+
+// Full or blocked storage only costs what a reload would have kept: nothing to tell the user.
+function writeStored(key, value) {
+  try {
+    localStorage.setItem(key, JSON.stringify(value));
+  } catch {
+    // quota or blocked
+  }
+}
+
+function removeStored(key) {
+  try {
+    localStorage.removeItem(key);
+  } catch {
+    // blocked
+  }
+}
+
+function storedKeys() {
+  try {
+    return Array.from({ length: localStorage.length }, (_, i) => localStorage.key(i));
+  } catch {
+    return [];
+  }
+}
+
+function editsKey(jobId) {
+  return EDITS_STORAGE_PREFIX + jobId;
+}
+
+/** The remembered job ({id, filename, size, lastModified, type} of its file), or null. */
+function recallJob() {
+  const job = readStored(JOB_STORAGE);
+  return job && typeof job.id === "string" && job.id ? job : null;
+}
+
+/** The remembered edits of a job's cues: {"<cue index>": "text"}. */
+function recallEdits(jobId) {
+  const edits = readStored(editsKey(jobId));
+  return edits && typeof edits === "object" && !Array.isArray(edits) ? edits : {};
+}
+
 function authHeaders() {
   return app.apiKey ? { Authorization: `Bearer ${app.apiKey}` } : {};
 }
@@ -368,6 +422,10 @@ const app = {
   run: null, // the transcription in flight: { controller, xhr, jobUrl, over, cancelling }
   jobsDisabled: false, // the service answered jobs_disabled once: stream instead from then on
   recorder: null,
+  job: null, // the remembered job whose cues the page shows: { id, filename, size, lastModified, type }
+  edits: {}, // that job's edited cue texts by cue index, as remembered
+  editsTimer: 0,
+  resumed: false, // the cues are a job's picked up after a reload: a chosen file only joins them in the player
 };
 
 const ui = {};
@@ -486,6 +544,80 @@ function resetTranscript() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Remembering the job across reloads, with the user's edits of its cues.
+
+function rememberJob(job, file) {
+  forgetJob();
+  app.job = { id: job.id, filename: file.name, size: file.size, lastModified: file.lastModified, type: file.type };
+  writeStored(JOB_STORAGE, app.job);
+}
+
+/** Forgets the remembered job and every job's edits (only one job is ever remembered). */
+function forgetJob() {
+  clearTimeout(app.editsTimer);
+  app.editsTimer = 0;
+  app.job = null;
+  app.edits = {};
+  app.resumed = false;
+  removeStored(JOB_STORAGE);
+  for (const key of storedKeys()) {
+    if (key && key.startsWith(EDITS_STORAGE_PREFIX)) removeStored(key);
+  }
+  ui.resumed.hidden = true;
+}
+
+function rememberEdit(index, text) {
+  if (!app.job) return; // a streamed transcription: nothing to pick up after a reload
+  app.edits[index] = text;
+  clearTimeout(app.editsTimer);
+  app.editsTimer = setTimeout(saveEdits, EDITS_SAVE_DELAY_MS);
+}
+
+/** Writes the edits now if a write is due (on blur, or as the page goes away). */
+function saveEdits() {
+  if (!app.editsTimer) return;
+  clearTimeout(app.editsTimer);
+  app.editsTimer = 0;
+  if (app.job) writeStored(editsKey(app.job.id), app.edits);
+}
+
+function isSameFile(file, job) {
+  return file.name === job.filename && file.size === job.size;
+}
+
+function showResumed(failed) {
+  const job = app.job;
+  const name = job.filename || "a file";
+  let text;
+  if (failed) text = `Could not pick up your transcription of ${name} from before the page was reloaded. Reload the page to try again.`;
+  else {
+    text = `Picked up your transcription of ${name} from before the page was reloaded.`;
+    if (!app.file) text += " Choose the same file again to play it alongside the cues.";
+    else if (!isSameFile(app.file, job)) text += ` This is not the file that was transcribed (${name}); cue times may not match.`;
+  }
+  ui.resumedText.textContent = text;
+  ui.resumedChoose.hidden = failed; // no cues to play the file alongside
+  ui.resumed.hidden = false;
+}
+
+function idleStatus() {
+  return app.file ? `Ready to transcribe ${app.file.name}.` : IDLE_STATUS;
+}
+
+/** Drops the picked-up transcription from the page and from memory; the job itself stays on the server. */
+function startOver() {
+  if (app.run && !app.run.over) endRun(app.run);
+  forgetJob();
+  resetTranscript();
+  setState("idle");
+  setStatus(idleStatus());
+}
+
+function isGone(error) {
+  return error.status === 404 && error.code === "job_not_found";
+}
+
+// ---------------------------------------------------------------------------------------------
 // Models and settings.
 
 function modelLabel(model) {
@@ -530,13 +662,25 @@ function onApiKeyChange(event) {
 // Choosing, dropping and recording a file; the player.
 
 function chooseFile(file) {
-  if (!file || isBusy() || app.recorder) return;
-  app.file = file;
+  if (!file || app.recorder) return;
+  // A transcription picked up after a reload stays, running or not: the file joins its cues in the player.
+  if (app.resumed) {
+    useFile(file);
+    showResumed(false);
+    updateControls();
+    return;
+  }
+  if (isBusy()) return;
+  useFile(file);
   resetTranscript();
   setState("idle");
+  setStatus(`Ready to transcribe ${file.name}.`);
+}
+
+function useFile(file) {
+  app.file = file;
   ui.fileInfo.textContent = `${file.name} · ${formatBytes(file.size)}`;
   loadMedia(file);
-  setStatus(`Ready to transcribe ${file.name}.`);
 }
 
 function mediaKind(file) {
@@ -576,10 +720,11 @@ function createMedia(kind) {
   return media;
 }
 
-function onFileInputChange() {
-  const [file] = ui.fileInput.files;
+function onFileInputChange(event) {
+  const input = event.target;
+  const [file] = input.files;
   chooseFile(file);
-  ui.fileInput.value = ""; // so that choosing the same file again is a change too
+  input.value = ""; // so that choosing the same file again is a change too
 }
 
 function hasFiles(event) {
@@ -687,11 +832,17 @@ function buildForm(stream) {
   return form;
 }
 
+function newRun() {
+  return { controller: new AbortController(), xhr: null, jobUrl: null, over: false, cancelling: false };
+}
+
 async function startTranscription(event) {
   event.preventDefault();
   if (!app.file || isBusy() || app.recorder) return;
+  if (app.run && !app.run.over) endRun(app.run); // a pick-up still asking for its job
+  forgetJob();
   resetTranscript();
-  const run = { controller: new AbortController(), xhr: null, jobUrl: null, over: false, cancelling: false };
+  const run = newRun();
   app.run = run;
   try {
     const job = app.jobsDisabled ? null : await submitJob(run);
@@ -707,7 +858,10 @@ async function submitJob(run) {
   setState("uploading");
   setStatus(`Uploading ${app.file.name}…`);
   const { status, body } = await postWithProgress(run, API.jobs, buildForm(false), showUploadProgress);
-  if (status === 202 && body) return body;
+  if (status === 202 && body) {
+    rememberJob(body, app.file);
+    return body;
+  }
   const error = apiErrorFrom(status, body);
   if (status === 404 && error.code === "jobs_disabled") {
     app.jobsDisabled = true;
@@ -716,8 +870,12 @@ async function submitJob(run) {
   throw error;
 }
 
+function jobUrl(id) {
+  return `${API.jobs}/${encodeURIComponent(id)}`;
+}
+
 async function followJob(run, job) {
-  run.jobUrl = `${API.jobs}/${encodeURIComponent(job.id)}`;
+  run.jobUrl = jobUrl(job.id);
   const eventsUrl = `${run.jobUrl}/events`;
   setState("running");
   showJob(job);
@@ -740,6 +898,58 @@ async function followJob(run, job) {
       throw new ApiError("Lost the connection to the service while following the transcription; the job may still finish on the server.");
     }
     setStatus(`Connection lost; reconnecting (${failures} of ${MAX_RECONNECTS})…`);
+    await sleep(RECONNECT_DELAY_MS);
+  }
+}
+
+/** On page load: follows the remembered job again, as if just submitted, if the service still has it. */
+async function resumeJob() {
+  const remembered = recallJob();
+  if (!remembered) return;
+  app.job = remembered;
+  app.edits = recallEdits(remembered.id);
+  const run = newRun();
+  app.run = run;
+  let job;
+  try {
+    job = await fetchJob(run, remembered.id);
+  } catch (error) {
+    if (run.over) return;
+    if (isGone(error)) {
+      endRun(run);
+      forgetJob(); // finished and past its retention, or deleted: nothing left to show
+      setStatus(idleStatus());
+      return;
+    }
+    // Kept in memory: the service may be back by the next reload.
+    failRun(run, error);
+    setStatus("Could not pick up the transcription.");
+    showResumed(true);
+    return;
+  }
+  if (run.over) return; // a new transcription started meanwhile
+  app.resumed = true;
+  showResumed(false);
+  try {
+    await followJob(run, job);
+  } catch (error) {
+    if (run.over) return;
+    if (isGone(error)) startOver();
+    else failRun(run, error);
+  }
+}
+
+/** The job as the service has it, asked again a few times while the service cannot be reached. */
+async function fetchJob(run, id) {
+  for (let failures = 0; ; failures += 1) {
+    try {
+      const response = await apiFetch(jobUrl(id), { signal: run.controller.signal, headers: { Accept: "application/json" } });
+      if (!response.ok) throw await readApiError(response);
+      return await response.json();
+    } catch (error) {
+      if (run.over || !isRetryable(error) || failures >= MAX_RECONNECTS) throw error;
+    }
+    setStatus(`Could not reach the service; trying again (${failures + 1} of ${MAX_RECONNECTS})…`);
     await sleep(RECONNECT_DELAY_MS);
   }
 }
@@ -844,6 +1054,7 @@ function doneSummary(result) {
 }
 
 function endWithError(run, error) {
+  if (error.code === "job_not_found") forgetJob(); // deleted while followed
   if (error.code === "job_cancelled") finishCancelled(run);
   else failRun(run, apiErrorFrom(undefined, { error }));
 }
@@ -878,6 +1089,7 @@ async function cancelRun() {
     const response = await apiFetch(run.jobUrl, { method: "DELETE", headers: { Accept: "application/json" } });
     if (!response.ok) throw await readApiError(response);
     const job = await response.json();
+    if (job.deleted) forgetJob();
     // A running job stops at its runner's next check; its event stream then ends with job_cancelled.
     // Any other answer (cancelled while queued, or deleted because it had just finished) ends it here.
     if (job.status !== "running" && !run.over) finishCancelled(run);
@@ -917,16 +1129,22 @@ function addCue(segment) {
     words: segment.words,
     edited: false,
   };
+  const index = app.cues.length;
+  const edit = app.edits[index];
+  if (typeof edit === "string") {
+    cue.text = edit;
+    cue.edited = true;
+  }
   app.cueById.set(id, cue);
   app.cues.push(cue);
-  ui.cues.append(renderCue(cue, app.cues.length - 1));
+  ui.cues.append(renderCue(cue, index));
   ui.cueCount.textContent = `(${app.cues.length})`;
   if (app.cues.length === 1) updateControls();
 }
 
 function renderCue(cue, index) {
   const row = document.createElement("li");
-  row.className = "cue";
+  row.className = cue.edited ? "cue edited" : "cue";
   row.tabIndex = 0;
   row.dataset.index = String(index);
   row.dataset.start = String(cue.start);
@@ -1039,6 +1257,11 @@ function onCueInput(event) {
   cue.text = event.target.textContent;
   cue.edited = true;
   row.classList.add("edited");
+  rememberEdit(row.dataset.index, cue.text);
+}
+
+function onCueFocusOut(event) {
+  if (event.target.classList.contains("cue-text")) saveEdits();
 }
 
 function isTypingTarget(element) {
@@ -1093,7 +1316,7 @@ function download(kind) {
   const url = URL.createObjectURL(blob);
   const link = document.createElement("a");
   link.href = url;
-  link.download = `${baseName(app.file && app.file.name)}.${kind}`;
+  link.download = `${baseName((app.job && app.job.filename) || (app.file && app.file.name))}.${kind}`;
   link.hidden = true;
   document.body.append(link);
   link.click();
@@ -1130,6 +1353,11 @@ function init() {
     playerNote: $("player-note"),
     cues: $("cues"),
     cueCount: $("cue-count"),
+    resumed: $("resumed"),
+    resumedText: $("resumed-text"),
+    resumedFile: $("resumed-file"),
+    resumedChoose: $("resumed-choose"),
+    resumedDismiss: $("resumed-dismiss"),
     downloads: Object.keys(DOWNLOADS).map((kind) => $(`download-${kind}`)),
   });
 
@@ -1152,6 +1380,11 @@ function init() {
   ui.cues.addEventListener("click", onCueClick);
   ui.cues.addEventListener("keydown", onCueKeydown);
   ui.cues.addEventListener("input", onCueInput);
+  ui.cues.addEventListener("focusout", onCueFocusOut);
+  ui.resumedFile.addEventListener("change", onFileInputChange);
+  ui.resumedDismiss.addEventListener("click", startOver);
+  // A reload within the save delay of the last keystroke keeps it too.
+  window.addEventListener("pagehide", saveEdits);
   document.addEventListener("keydown", onPageKeydown);
   for (const button of ui.downloads) {
     button.addEventListener("click", () => download(button.id.replace("download-", "")));
@@ -1159,6 +1392,7 @@ function init() {
 
   updateControls();
   loadModels();
+  resumeJob();
 }
 
 init();
