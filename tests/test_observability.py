@@ -115,7 +115,7 @@ class Prometheus:
         return body["data"]["result"]
 
     def targets_up(self) -> int:
-        return len(self.query("up == 1"))
+        return len(self.query("max_over_time(up[1m]) == 1"))
 
     def stop(self) -> None:
         self._proc.terminate()
@@ -236,9 +236,11 @@ def test_every_dashboard_query_returns_series_from_a_real_prometheus(serve_clust
         time.sleep(5)
     assert not empty, "dashboard queries with no series:\n" + "\n".join(f"{t}: {e}" for t, e in empty)
 
-    # and the series say what happened
-    def labels(expr: str) -> List[dict]:
-        return [series["metric"] for series in prometheus.query(expr)]
+    # and the series say what happened. A scrape that times out (1 s here, on two busy cores) marks
+    # every series of its target stale, so an instant query can miss a series that is there: a
+    # range selector skips the staleness markers.
+    def labels(selector: str) -> List[dict]:
+        return [series["metric"] for series in prometheus.query(f"last_over_time({selector}[10m])")]
 
     assert {"from_model": "belle2", "to_model": "whisperx", "reason": "model_unavailable"} in [
         {k: m[k] for k in ("from_model", "to_model", "reason")} for m in labels("ray_klipnote_fallbacks_total")]
@@ -257,7 +259,7 @@ def test_every_dashboard_query_returns_series_from_a_real_prometheus(serve_clust
     assert "delivered" in {m["outcome"] for m in labels("ray_klipnote_job_webhooks_total")}
     assert {"queued", "running"} <= {m["status"] for m in labels('ray_klipnote_jobs{application="transcription"}')}
     # the SessionName variable's own query (label_values) finds this session
-    sessions = {m.get("SessionName") for m in labels("group by (SessionName) (ray_node_network_receive_speed)")}
+    sessions = {m["metric"].get("SessionName") for m in prometheus.query("group by (SessionName) (last_over_time(ray_node_network_receive_speed[10m]))")}
     assert session in sessions, sessions
 
 
