@@ -203,7 +203,12 @@ def is_transcription(scope: Scope) -> bool:
     return scope["type"] == "http" and scope["method"] == "POST" and route_path(scope).rstrip("/") in ADMITTED_PATHS
 
 
+def route_prefix(scope: Scope) -> str:
+    """The application's route prefix, as Serve passes it: the scope's root_path ("" at `/`)."""
+    return scope.get("root_path", "")
+
+
 def route_path(scope: Scope) -> str:
-    """The path within the app (an application's route prefix is the scope's root_path)."""
-    path, root = scope["path"], scope.get("root_path", "")
+    """The path within the app, without its route prefix."""
+    path, root = scope["path"], route_prefix(scope)
     return path[len(root):] or "/" if root and path.startswith(root) else path

@@ -31,7 +31,7 @@ from deployments.contract import ModelUnavailableError, TranscribeOptions
 from deployments.core import package_versions, process_memory, release_free_memory_soon
 from deployments.logs import send_to_serve_logs
 from deployments.runtime import check_environment
-from serve_app.admission import AdmitTranscriptions, Admission, ModelCapacity, serve_details
+from serve_app.admission import AdmitTranscriptions, Admission, ModelCapacity, route_prefix, serve_details
 from serve_app.events import sse_stream, stream_events
 from serve_app.transcriber import Transcriber, check_segmentation
 from serve_app.config import AUTO_NAMES, IngressSettings
@@ -217,20 +217,20 @@ class TranscriptionIngress:
         upload = self._spooled_upload(request)
         job = await self._job_service().submit(upload, request=job_request(request, filename=request.file.filename), callback_url=request.callback_url)
         self._wake_job_runner()
-        job = under_prefix(job, http.scope.get("root_path", ""))
+        job = under_prefix(job, route_prefix(http.scope))
         return JSONResponse(job, status_code=202, headers={"Location": job["links"]["self"]})
 
     @api.get(JOBS_PATH)
     async def list_jobs_http(self, http: Request, limit: int = 20, after: Optional[str] = None) -> dict:
         """Jobs, newest first, `limit` at a time (1-100); `after` is the last id of the page before."""
-        return under_prefix(await self._job_service().list(limit=list_limit(limit), after=after), http.scope.get("root_path", ""))
+        return under_prefix(await self._job_service().list(limit=list_limit(limit), after=after), route_prefix(http.scope))
 
     @api.get(JOBS_PATH + "/{job_id}", responses=_ERROR_RESPONSES)
     async def get_job_http(self, http: Request, job_id: str, format: Optional[str] = None) -> Response:
         """The job: status, stage, progress, model, warnings, and its result (verbose_json) once it
         succeeded; `?format=srt|vtt|text|json|verbose_json` answers the result alone, rendered."""
         if format is None:
-            return JSONResponse(under_prefix(await self._job_service().get(job_id), http.scope.get("root_path", "")))
+            return JSONResponse(under_prefix(await self._job_service().get(job_id), route_prefix(http.scope)))
         if format not in RESULT_FORMATS:
             raise APIError(400, f"Got format={format!r}; expected one of {list(RESULT_FORMATS)}.", param="format", code="invalid_format")
         media_type, content = await self._job_service().result(job_id, format)
@@ -241,7 +241,7 @@ class TranscriptionIngress:
     @api.delete(JOBS_PATH + "/{job_id}", responses=_ERROR_RESPONSES)
     async def delete_job_http(self, http: Request, job_id: str) -> dict:
         """Cancels a queued or running job; removes a finished one with its result and media."""
-        return under_prefix(await self._job_service().delete(job_id), http.scope.get("root_path", ""))
+        return under_prefix(await self._job_service().delete(job_id), route_prefix(http.scope))
 
     @api.get(JOBS_PATH + "/{job_id}/events", responses=_ERROR_RESPONSES)
     async def job_events_http(self, job_id: str) -> StreamingResponse:

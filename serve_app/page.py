@@ -15,6 +15,8 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagge
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from serve_app.admission import route_prefix
+
 WEB_DIR = Path(__file__).with_name("web")
 DOCS_ASSETS_DIR = Path(str(resources.files("fastapi_offline") / "static"))
 DOCS_ASSETS = "/static/docs"
@@ -45,13 +47,13 @@ def add_page_routes(api: FastAPI) -> None:
     @api.get("/", include_in_schema=False)
     async def page(request: Request) -> HTMLResponse:
         return HTMLResponse(
-            page_html(request.scope.get("root_path", "")),
+            page_html(route_prefix(request.scope)),
             headers={"Content-Security-Policy": PAGE_SECURITY_POLICY, "Cache-Control": "no-cache"},
         )
 
     @api.get("/docs", include_in_schema=False)
     async def swagger_ui(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "").rstrip("/")
+        root = route_prefix(request.scope).rstrip("/")
         return _with_policy(get_swagger_ui_html(
             openapi_url=root + api.openapi_url,
             title=f"{api.title} - API docs",
@@ -67,7 +69,7 @@ def add_page_routes(api: FastAPI) -> None:
 
     @api.get("/redoc", include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "").rstrip("/")
+        root = route_prefix(request.scope).rstrip("/")
         return _with_policy(get_redoc_html(
             openapi_url=root + api.openapi_url,
             title=f"{api.title} - API reference",

@@ -13,8 +13,9 @@ import json
 import secrets
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Optional
 
 import pytest
 import yaml
@@ -79,6 +80,29 @@ class ServeCluster(LocalServeCluster):
     def wait(self, names: Iterable[str] = APP_NAMES, timeout_s: float = 600) -> None:
         super().wait(names, timeout_s=timeout_s)
 
+    def ingress_variant(self, name: str, *, route_prefix: Optional[str] = None, **args: Any) -> dict:
+        """The ingress app's config as `name` at `route_prefix` (default `/<name>`), with `args`
+        changed, on no CPU of its own (the three apps already hold this machine's two)."""
+        ingress = self.app_config("transcription")
+        ingress.update(name=name, route_prefix=route_prefix or f"/{name}")
+        ingress["args"].update(args)
+        ingress["deployments"][0]["ray_actor_options"] = {"num_cpus": 0}
+        return ingress
+
+    @contextmanager
+    def beside(self, *apps: dict, timeout_s: float = 600) -> Iterator[str]:
+        """`apps` deployed beside the session's three while the block runs, then removed; gives
+        the URL of the first one's route prefix."""
+        names = [app["name"] for app in apps]
+        self.deploy(extra=list(apps))
+        try:
+            self.wait(names, timeout_s=timeout_s)
+            yield f"{self.url}{apps[0]['route_prefix']}"
+        finally:
+            self.deploy()
+            for name in names:
+                self.wait_gone(name)
+
 
 SMALL_PIECES = {"seconds": 20, "first_seconds_streaming": 6, "cut_search_seconds": 4}
 """Pieces for `probe-pieces`: short real recordings are cut where a sentence pauses."""
@@ -90,13 +114,9 @@ def small_pieces_ingress(cluster: ServeCluster, name: str = "probe-pieces") -> d
     a language per stretch of speech, 600 s). Its uploads
     may stall for 5 s (the default: 30 s), so a streamed answer longer than that shows that the
     idle limit ends with the upload."""
-    ingress = cluster.app_config("transcription")
-    ingress.update(name=name, route_prefix=f"/{name}")
-    ingress["args"]["pieces"] = dict(SMALL_PIECES)
+    ingress = cluster.ingress_variant(name, pieces=dict(SMALL_PIECES), upload_idle_timeout_s=5)
     # One language per recording, as a deployment that turns per-stretch routing off.
     ingress["args"]["language_id"].update(listen_points_min_seconds=60, per_stretch=False)
-    ingress["args"]["upload_idle_timeout_s"] = 5
-    ingress["deployments"][0]["ray_actor_options"] = {"num_cpus": 0}
     return ingress
 
 

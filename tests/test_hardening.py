@@ -5,11 +5,9 @@ API keys, and how a lost replica is answered. The same cases over HTTP: tests/te
 
 from __future__ import annotations
 
-import io
 import json
 import struct
 
-import av
 import numpy as np
 import pytest
 
@@ -19,6 +17,7 @@ from serve_app.audio import TruncatedAudioError, UnsupportedMediaError, decode_a
 from serve_app.errors import client_message, error_response_for, redact, redact_paths
 from serve_app.guards import ApiKeys
 from tests.conftest import DATA, ROOT
+from tests.media import encode_media, tone
 
 LIMIT_S = 3 * 3600
 CLIP = "tests/data/en_jfk.flac"
@@ -50,23 +49,10 @@ def test_uploads_that_name_other_files_or_streams_are_refused(name):
     assert str(refused.value) == str(plain_text.value)
 
 
-def _encode(container: str, codec: str, seconds: float, rate: int) -> bytes:
-    buf = io.BytesIO()
-    with av.open(buf, "w", format=container) as out:
-        stream = out.add_stream(codec, rate=rate)
-        stream.layout = "mono"
-        t = np.arange(int(seconds * rate)) / rate
-        frame = av.AudioFrame.from_ndarray((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None, :], format="flt", layout="mono")
-        frame.sample_rate = rate
-        for packet in [*stream.encode(frame), *stream.encode(None)]:
-            out.mux(packet)
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize("container, codec, rate", [("ogg", "libopus", 48000), ("webm", "libopus", 48000), ("ipod", "aac", 16000),
                                                     ("wav", "pcm_s16le", 16000), ("mp3", "libmp3lame", 16000), ("flac", "flac", 16000)])
 def test_the_allowed_containers_still_decode(container, codec, rate):
-    audio = decode_audio(_encode(container, codec, 2.0, rate), max_seconds=LIMIT_S)
+    audio = decode_audio(encode_media(tone(2.0), container=container, audio_codec=codec, rate=rate), max_seconds=LIMIT_S)
     assert audio.size / 16000 == pytest.approx(2.0, abs=0.15)
 
 
@@ -78,13 +64,13 @@ def test_a_flac_cut_to_two_percent_is_damaged_audio_not_an_unsupported_kind():
 
 
 def test_an_ogg_opus_cut_in_half_is_truncated():
-    ogg = _encode("ogg", "libopus", 5.0, 48000)
+    ogg = encode_media(tone(5.0), container="ogg", audio_codec="libopus")
     with pytest.raises(TruncatedAudioError, match="no final page"):
         decode_audio(ogg[: len(ogg) // 2], max_seconds=LIMIT_S)
 
 
 def test_a_wav_whose_header_declares_60_s_but_holds_5_is_truncated():
-    wav = bytearray(_encode("wav", "pcm_s16le", 5.0, 16000))
+    wav = bytearray(encode_media(tone(5.0), container="wav", audio_codec="pcm_s16le", rate=16000))
     data = wav.find(b"data")
     struct.pack_into("<I", wav, data + 4, 60 * 16000 * 2)
     with pytest.raises(TruncatedAudioError, match="declares 60.00 s but only 5.00 s"):

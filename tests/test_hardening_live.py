@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from tests.conftest import ROOT
+from tests.media import tone, wav_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -118,17 +119,9 @@ def test_a_declared_body_over_the_limit_gets_413_before_it_is_sent(base_url):
 @pytest.fixture(scope="module")
 def secure_url(serve_cluster):
     """An ingress with API keys and a short upload idle time, beside the main one."""
-    ingress = serve_cluster.app_config("transcription")
-    ingress.update(name="transcription-secure", route_prefix=SECURE_PREFIX)
-    ingress["args"].update(api_keys=[KEY, "sha256:" + "0" * 64], upload_idle_timeout_s=IDLE_S)
-    ingress["deployments"][0]["ray_actor_options"] = {"num_cpus": 0}
-    serve_cluster.deploy(extra=[ingress])
-    try:
-        serve_cluster.wait([ingress["name"]], timeout_s=600)
-        yield f"{serve_cluster.url}{SECURE_PREFIX}"
-    finally:
-        serve_cluster.deploy()
-        serve_cluster.wait_gone(ingress["name"])
+    ingress = serve_cluster.ingress_variant("transcription-secure", route_prefix=SECURE_PREFIX, api_keys=[KEY, "sha256:" + "0" * 64], upload_idle_timeout_s=IDLE_S)
+    with serve_cluster.beside(ingress) as url:
+        yield url
 
 
 def test_api_keys_guard_every_route_but_health(secure_url, data_dir):
@@ -179,27 +172,11 @@ def test_a_prompt_longer_than_the_decoder_takes_is_cut_with_a_warning_not_an_err
     assert "country" in r.json()["text"].lower()
 
 
-def _tone_wav(seconds: float) -> bytes:
-    import io
-    import wave
-
-    import numpy as np
-
-    t = np.arange(int(seconds * 16000)) / 16000
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes((0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
-
-
 def test_audio_without_speech_gets_an_empty_transcript_with_a_warning(base_url, data_dir):
     uploads = {
         "noise": (data_dir / "noise_picovoice_empty.flac").read_bytes(),
-        "tone": _tone_wav(3.0),
-        "0.1 s": _tone_wav(0.1),
+        "tone": wav_bytes(tone(3.0)),
+        "0.1 s": wav_bytes(tone(0.1)),
     }
     for label, content in uploads.items():
         for model in ("auto", "belle2"):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import struct
-import wave
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ import pytest
 from deployments.contract import InvalidAudioError
 from serve_app.audio import UnsupportedMediaError, decode_audio
 from tests.conftest import DATA, load_manifest
+from tests.media import wav_bytes
 
 LIMIT_S = 3 * 3600
 
@@ -32,18 +31,8 @@ def test_a_cut_off_mp3_is_refused_although_every_frame_left_decodes(fraction):
         decode_audio(mp3[: int(len(mp3) * fraction)], max_seconds=LIMIT_S)
 
 
-def _wav(samples: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes((samples * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
-
-
 def test_a_streaming_wav_with_a_placeholder_size_is_accepted():
-    data = bytearray(_wav(np.zeros(16000 * 2, dtype=np.float32)))
+    data = bytearray(wav_bytes(np.zeros(16000 * 2, dtype=np.float32)))
     data[4:8] = struct.pack("<I", 0xFFFFFFFF)  # RIFF size and data size as a live recorder leaves them
     data[40:44] = struct.pack("<I", 0xFFFFFFFF)
     assert decode_audio(bytes(data), max_seconds=LIMIT_S).size == 16000 * 2
@@ -54,7 +43,7 @@ def test_a_streaming_wav_with_a_placeholder_size_is_accepted():
     [
         (b"", InvalidAudioError),
         (b"plain text, not audio\n" * 20, UnsupportedMediaError),
-        (_wav(np.zeros(0, dtype=np.float32)), InvalidAudioError),
+        (wav_bytes(np.zeros(0, dtype=np.float32)), InvalidAudioError),
     ],
     ids=["empty", "text", "zero-length wav"],
 )

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import time
-import wave
 
 import httpx
+import numpy as np
 import pytest
 from opencc import OpenCC
 
 from tests.mixed import MANDARIN_ENGLISH, mixed_recording
-from tests.test_long_audio import wav_bytes
+from tests.media import wav_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -25,16 +24,6 @@ def _post(base_url: str, content: bytes, filename: str, **form) -> httpx.Respons
     )
 
 
-def _zero_length_wav() -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes(b"")
-    return buf.getvalue()
-
-
 def _bad_inputs(data_dir):
     flac = (data_dir / "en_jfk.flac").read_bytes()
     mp3 = (data_dir / "zh_funasr_asr_example.mp3").read_bytes()
@@ -44,7 +33,7 @@ def _bad_inputs(data_dir):
         ("truncated flac", flac[: len(flac) // 3], "cut.flac", 400),
         # every mp3 frame left is valid: only the LAME header's length gives the cut away
         ("truncated mp3", mp3[: len(mp3) // 2], "cut.mp3", 400),
-        ("zero-length wav", _zero_length_wav(), "zero.wav", 400),
+        ("zero-length wav", wav_bytes(np.zeros(0, np.float32)), "zero.wav", 400),
     ]
 
 
@@ -73,23 +62,11 @@ def test_unknown_model_and_bad_format_are_400(base_url, data_dir):
 
 
 def test_oversize_upload_is_413(serve_cluster, data_dir):
-    small = serve_cluster.app_config("transcription")
-    small["name"] = "transcription-small-limit"
-    small["route_prefix"] = "/small"
-    small["args"]["max_upload_bytes"] = 50_000
-    serve_cluster.deploy(extra=[small])
-    try:
-        serve_cluster.wait(["transcription-small-limit"], timeout_s=300)
-        r = httpx.post(
-            f"{serve_cluster.url}/small/v1/audio/transcriptions",
-            files={"file": ("en_jfk.flac", (data_dir / "en_jfk.flac").read_bytes())},
-            timeout=120,
-        )
+    small = serve_cluster.ingress_variant("transcription-small-limit", route_prefix="/small", max_upload_bytes=50_000)
+    with serve_cluster.beside(small, timeout_s=300) as url:
+        r = httpx.post(f"{url}/v1/audio/transcriptions", files={"file": ("en_jfk.flac", (data_dir / "en_jfk.flac").read_bytes())}, timeout=120)
         _assert_openai_error(r, 413)
         assert r.json()["error"]["code"] == "file_too_large"
-    finally:
-        serve_cluster.deploy()
-        serve_cluster.wait_gone("transcription-small-limit")
 
 
 def test_other_ray_app_transcribes_through_the_handle(serve_cluster, data_dir):
@@ -101,17 +78,12 @@ def test_other_ray_app_transcribes_through_the_handle(serve_cluster, data_dir):
         # the three apps already hold most of this machine's two CPUs
         "deployments": [{"name": "HandleCaller", "ray_actor_options": {"num_cpus": 0}}],
     }
-    serve_cluster.deploy(extra=[caller])
-    try:
-        serve_cluster.wait(["handle-caller"], timeout_s=300)
-        r = httpx.post(f"{serve_cluster.url}/caller", content=(data_dir / "zh_aishell1_BAC009S0724W0121.flac").read_bytes(), timeout=600)
+    with serve_cluster.beside(caller, timeout_s=300) as url:
+        r = httpx.post(url, content=(data_dir / "zh_aishell1_BAC009S0724W0121.flac").read_bytes(), timeout=600)
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["model"] == "belle2" and body["language"] == "zh"
         assert "广州" in body["text"]
-    finally:
-        serve_cluster.deploy()
-        serve_cluster.wait_gone("handle-caller")
 
 
 def test_mandarin_falls_back_to_whisperx_visibly_when_belle2_is_gone(serve_cluster, data_dir):

@@ -9,11 +9,9 @@ language at several points of recordings from 60 s on (the default: 600 s).
 
 from __future__ import annotations
 
-import io
 import json
 import socket
 import time
-import wave
 
 import httpx
 import numpy as np
@@ -23,7 +21,7 @@ from openai import OpenAI
 from deployments.contract import SAMPLE_RATE
 from serve_app.audio import decode_audio
 from tests.conftest import small_pieces_ingress
-from tests.test_pieces import encode_video
+from tests.media import encode_media, wav_bytes
 from tests.textnorm import cer, wer
 
 pytestmark = pytest.mark.slow
@@ -34,35 +32,14 @@ EN = "en_jfk.flac"
 LIMIT_S = 3 * 3600
 
 
-def wav_bytes(audio: np.ndarray, *, rate: int = SAMPLE_RATE, channels: int = 1, sample_width: int = 2) -> bytes:
-    """`audio` (16 kHz mono float32) as a wav, resampled by repetition to `rate` and copied to `channels`."""
-    if rate != SAMPLE_RATE:
-        audio = np.interp(np.arange(int(audio.size * rate / SAMPLE_RATE)) * SAMPLE_RATE / rate, np.arange(audio.size), audio)
-    frames = np.repeat(np.clip(audio, -1, 1)[:, None], channels, axis=1)
-    buf = io.BytesIO()
-    if sample_width == 4:  # 32-bit float wav (format 3), which the wave module cannot write
-        data = frames.astype("<f4").tobytes()
-        fmt = (b"fmt " + (16).to_bytes(4, "little") + (3).to_bytes(2, "little") + channels.to_bytes(2, "little")
-               + rate.to_bytes(4, "little") + (rate * channels * 4).to_bytes(4, "little") + (channels * 4).to_bytes(2, "little") + (32).to_bytes(2, "little"))
-        buf.write(b"RIFF" + (4 + len(fmt) + 8 + len(data)).to_bytes(4, "little") + b"WAVE" + fmt + b"data" + len(data).to_bytes(4, "little") + data)
-        return buf.getvalue()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(channels), w.setsampwidth(2), w.setframerate(rate)
-        w.writeframes((frames * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
-
-
 def decoded(data_dir, name: str) -> np.ndarray:
     return decode_audio((data_dir / name).read_bytes(), max_seconds=LIMIT_S)
 
 
 @pytest.fixture(scope="module")
 def probe_pieces(serve_cluster):
-    serve_cluster.deploy(extra=[small_pieces_ingress(serve_cluster)])
-    serve_cluster.wait(["probe-pieces"], timeout_s=600)
-    yield f"{serve_cluster.url}/probe-pieces"
-    serve_cluster.deploy()
-    serve_cluster.wait_gone("probe-pieces")
+    with serve_cluster.beside(small_pieces_ingress(serve_cluster)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +124,7 @@ def test_mandarin_cut_into_pieces_reads_as_when_whole(base_url, probe_pieces, da
 def test_a_video_upload_is_transcribed_from_its_sound_track(client, data_dir):
     audio = decoded(data_dir, ZH_SHORT)
     from_flac = client.audio.transcriptions.create(model="whisper-1", file=(ZH_SHORT, (data_dir / ZH_SHORT).read_bytes()))
-    from_video = client.audio.transcriptions.create(model="whisper-1", file=("meeting.mp4", encode_video(audio, "mp4", "libx264", "aac")))
+    from_video = client.audio.transcriptions.create(model="whisper-1", file=("meeting.mp4", encode_media(audio, container="mp4", video_codec="libx264", audio_codec="aac", layout="stereo")))
     assert from_video.text and cer(from_flac.text, from_video.text) < 0.15, (from_flac.text, from_video.text)
 
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.mixed import MANDARIN_ENGLISH, clip_at, mixed_recording
-from tests.test_long_audio import wav_bytes
+from tests.media import wav_bytes
 
 pytestmark = pytest.mark.slow
 

@@ -140,12 +140,8 @@ def prometheus(serve_cluster):
 
 
 def _probe_ingress(serve_cluster) -> dict:
-    ingress = serve_cluster.app_config("transcription")
-    ingress.update(name=PROBE, route_prefix=f"/{PROBE}")
     # belle2 names an app that is not deployed: Mandarin falls back to whisperx
-    ingress["args"].update(model_apps={"belle2": "belle2-not-deployed", "whisperx": "whisperx"}, max_in_flight=1, capacity_refresh_s=0)
-    ingress["deployments"][0]["ray_actor_options"] = {"num_cpus": 0}
-    return ingress
+    return serve_cluster.ingress_variant(PROBE, model_apps={"belle2": "belle2-not-deployed", "whisperx": "whisperx"}, max_in_flight=1, capacity_refresh_s=0)
 
 
 def _provoke_everything(serve_cluster, data_dir) -> Dict[str, object]:
@@ -213,13 +209,8 @@ def _substitute(expr: str, session_name: str) -> str:
 def test_every_dashboard_query_returns_series_from_a_real_prometheus(serve_cluster, prometheus, data_dir):
     import ray
 
-    serve_cluster.deploy(extra=[_probe_ingress(serve_cluster)])
-    try:
-        serve_cluster.wait([PROBE], timeout_s=600)
+    with serve_cluster.beside(_probe_ingress(serve_cluster)):
         _provoke_everything(serve_cluster, data_dir)
-    finally:
-        serve_cluster.deploy()
-        serve_cluster.wait_gone(PROBE)
     assert prometheus.targets_up() >= 1
 
     session = ray._private.worker._global_node.session_name

@@ -20,38 +20,10 @@ from deployments.vad import WINDOW_SAMPLES, silero_vad
 from serve_app.audio import AudioReader, TruncatedAudioError, decode_audio
 from serve_app.pieces import QUIET_PROBABILITY, cut_pieces, feed_pieces
 from tests.conftest import DATA
+from tests.media import encode_media, wav_bytes
 
 LIMIT_S = 3 * 3600
 ZH_70S = DATA / "zh_funasr_vad_example_70s.flac"
-
-
-def encode_video(audio: np.ndarray, container: str, video_codec: str, audio_codec: str, *, rate: int = 48000) -> bytes:
-    """A small video (a grey picture at 5 fps) with `audio` (16 kHz mono) as its sound track."""
-    buf = io.BytesIO()
-    with av.open(buf, "w", format=container) as out:
-        video = out.add_stream(video_codec, rate=5)
-        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
-        sound = out.add_stream(audio_codec, rate=rate)
-        sound.layout = "stereo"
-        resampler = av.AudioResampler(format=sound.codec_context.format.name, layout="stereo", rate=rate)
-        frame = av.AudioFrame.from_ndarray(audio.astype(np.float32)[None, :], format="flt", layout="mono")
-        frame.sample_rate = SAMPLE_RATE
-        frame.pts = None
-        for converted in [*resampler.resample(frame), *resampler.resample(None)]:
-            converted.pts = None
-            for packet in sound.encode(converted):
-                out.mux(packet)
-        for packet in sound.encode(None):
-            out.mux(packet)
-        picture = np.full((48, 64, 3), 128, np.uint8)
-        for i in range(int(audio.size / SAMPLE_RATE * 5)):
-            vframe = av.VideoFrame.from_ndarray(picture, format="rgb24")
-            vframe.pts = i
-            for packet in video.encode(vframe):
-                out.mux(packet)
-        for packet in video.encode(None):
-            out.mux(packet)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +53,7 @@ def test_the_reader_gives_the_same_samples_from_a_path_a_spool_file_and_bytes_in
 @pytest.mark.parametrize("container, video_codec, audio_codec", [("mp4", "libx264", "aac"), ("matroska", "mpeg4", "libopus"), ("webm", "libvpx", "libopus"), ("mov", "mpeg4", "aac")])
 def test_the_sound_track_of_a_video_is_decoded(zh_70s, container, video_codec, audio_codec):
     clip = zh_70s[: 8 * SAMPLE_RATE]
-    video = encode_video(clip, container, video_codec, audio_codec)
+    video = encode_media(clip, container=container, video_codec=video_codec, audio_codec=audio_codec, layout="stereo")
     with av.open(io.BytesIO(video)) as check:
         assert check.streams.video and check.streams.audio
     audio = decode_audio(video, max_seconds=LIMIT_S)
@@ -93,13 +65,8 @@ def test_the_sound_track_of_a_video_is_decoded(zh_70s, container, video_codec, a
 
 
 def test_a_truncated_recording_is_refused_or_becomes_a_warning(zh_70s):
-    wav = io.BytesIO()
-    import wave
-
-    with wave.open(wav, "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(SAMPLE_RATE)
-        w.writeframes((zh_70s[: 20 * SAMPLE_RATE] * 32767).astype("<i2").tobytes())
-    cut = wav.getvalue()[: len(wav.getvalue()) // 2]
+    wav = wav_bytes(zh_70s[: 20 * SAMPLE_RATE])
+    cut = wav[: len(wav) // 2]
     with pytest.raises(TruncatedAudioError):
         decode_audio(cut, max_seconds=LIMIT_S)
     with AudioReader(cut, max_seconds=LIMIT_S, truncation_is_warning=True) as reader:

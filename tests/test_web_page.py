@@ -17,12 +17,10 @@ import os
 import re
 import shutil
 import time
-import wave
 from pathlib import Path
 from typing import List
 from urllib.parse import urlsplit
 
-import av
 import httpx
 import numpy as np
 import pytest
@@ -30,6 +28,7 @@ import pytest
 from deployments.contract import SAMPLE_RATE
 from serve_app.audio import decode_audio
 from tests.conftest import DATA, ROOT
+from tests.media import encode_media, wav_bytes
 from tests.mixed import Clip, clip_at, mixed_recording
 
 pytestmark = pytest.mark.slow
@@ -45,63 +44,13 @@ if CHROMIUM is None:  # `make test` installs it (Makefile SYSTEM_PACKAGES); a mi
     raise RuntimeError("Chromium is not installed: run `make system-packages` (Debian package `chromium`).")
 
 
-def encode_webm_video(audio: np.ndarray, path: Path, *, width: int = 320, height: int = 180, fps: int = 5) -> Path:
-    """A VP8 + Opus WebM (what Chromium plays) of `audio` (16 kHz mono) under a slowly
-    changing colour picture."""
-    with av.open(str(path), "w", format="webm") as out:
-        video = out.add_stream("libvpx", rate=fps)
-        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        sound = out.add_stream("libopus", rate=48000)
-        sound.layout = "mono"
-        resampler = av.AudioResampler(format=sound.codec_context.format.name, layout="mono", rate=48000)
-        frame = av.AudioFrame.from_ndarray(audio.astype(np.float32)[None, :], format="flt", layout="mono")
-        frame.sample_rate = SAMPLE_RATE
-        for converted in [*resampler.resample(frame), *resampler.resample(None)]:
-            converted.pts = None
-            for packet in sound.encode(converted):
-                out.mux(packet)
-        for packet in sound.encode(None):
-            out.mux(packet)
-        x = np.linspace(0, 1, width)[None, :, None]
-        y = np.linspace(0, 1, height)[:, None, None]
-        for i in range(int(audio.size / SAMPLE_RATE * fps) + 1):
-            phase = i / (fps * 20)
-            rgb = np.concatenate([40 + 60 * x + 40 * phase + 0 * y, 70 + 50 * y + 0 * x, 110 + 60 * (1 - x) + 0 * y], axis=2)
-            picture = np.clip(rgb, 0, 255).astype(np.uint8)
-            vframe = av.VideoFrame.from_ndarray(picture, format="rgb24")
-            vframe.pts = i
-            for packet in video.encode(vframe):
-                out.mux(packet)
-        for packet in video.encode(None):
-            out.mux(packet)
-    return path
-
-
-def encode_opus(audio: np.ndarray, path: Path) -> Path:
-    """`audio` (16 kHz mono) as Opus in WebM: an hour of quiet is a few MB."""
-    with av.open(str(path), "w", format="webm") as out:
-        sound = out.add_stream("libopus", rate=16000)
-        sound.layout = "mono"
-        sound.bit_rate = 24000
-        step = SAMPLE_RATE * 60
-        for at in range(0, audio.size, step):
-            frame = av.AudioFrame.from_ndarray(audio[None, at:at + step].astype(np.float32), format="flt", layout="mono")
-            frame.sample_rate = SAMPLE_RATE
-            frame.pts = None
-            for packet in sound.encode(frame):
-                out.mux(packet)
-        for packet in sound.encode(None):
-            out.mux(packet)
-    return path
-
-
-def write_wav(audio: np.ndarray, path: Path) -> Path:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SAMPLE_RATE)
-        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
-    return path
+def moving_gradient(width: int, height: int, frame_index: int, fps: int) -> np.ndarray:
+    """A slowly changing colour picture, so the video is seen to play."""
+    x = np.linspace(0, 1, width)[None, :, None]
+    y = np.linspace(0, 1, height)[:, None, None]
+    phase = frame_index / (fps * 20)
+    rgb = np.concatenate([40 + 60 * x + 40 * phase + 0 * y, 70 + 50 * y + 0 * x, 110 + 60 * (1 - x) + 0 * y], axis=2)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
 def srt_cues(text: str) -> List[tuple]:
@@ -129,7 +78,8 @@ def browser(media_dir, mandarin):
 
     audio, _ = mandarin
     quiet = np.zeros(SAMPLE_RATE, np.float32)
-    microphone = write_wav(np.concatenate([quiet, audio, quiet]), media_dir / "microphone.wav")
+    microphone = media_dir / "microphone.wav"
+    microphone.write_bytes(wav_bytes(np.concatenate([quiet, audio, quiet])))
     OUTPUT.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
@@ -219,7 +169,8 @@ def _within_clips(cues: List[dict], clips: List[Clip]) -> None:
 
 def test_a_mandarin_video_is_transcribed_played_from_a_clicked_cue_edited_and_downloaded(visit, base_url, mandarin, media_dir):
     audio, clips = mandarin
-    video = encode_webm_video(audio, media_dir / "meeting.webm")
+    video = media_dir / "meeting.webm"  # VP8 + Opus: what Chromium plays
+    video.write_bytes(encode_media(audio, container="webm", video_codec="libvpx", audio_codec="libopus", size=(320, 180), picture=moving_gradient))
     v = visit(viewport={"width": 1280, "height": 800})
     page = v.page
     page.goto(base_url + "/")
@@ -293,7 +244,9 @@ def quiet_lecture(media_dir) -> tuple:
         start = int(at * SAMPLE_RATE)
         audio[start:start + clip.size] = clip
         clips.append(Clip(name, "zh", at, at + clip.size / SAMPLE_RATE))
-    return encode_opus(audio, media_dir / "long-quiet-lecture.webm"), clips
+    lecture = media_dir / "long-quiet-lecture.webm"  # Opus: the quiet hour is a few MB
+    lecture.write_bytes(encode_media(audio, container="webm", audio_codec="libopus", rate=16000, bit_rate=24000))
+    return lecture, clips
 
 
 def test_a_long_mostly_silent_recording_shows_progress_and_its_cues_arrive_while_it_runs(visit, base_url, quiet_lecture):
@@ -423,17 +376,9 @@ KEYED_PREFIX = "/page-keyed"
 @pytest.fixture(scope="module")
 def keyed_url(serve_cluster):
     """An ingress at a route prefix, with API keys and jobs turned off, beside the main one."""
-    ingress = serve_cluster.app_config("transcription")  # no job runner: jobs are off
-    ingress.update(name="page-keyed", route_prefix=KEYED_PREFIX)
-    ingress["args"]["api_keys"] = [KEY]
-    ingress["deployments"][0]["ray_actor_options"] = {"num_cpus": 0}
-    serve_cluster.deploy(extra=[ingress])
-    try:
-        serve_cluster.wait([ingress["name"]], timeout_s=600)
-        yield f"{serve_cluster.url}{KEYED_PREFIX}"
-    finally:
-        serve_cluster.deploy()
-        serve_cluster.wait_gone(ingress["name"])
+    # a copy of the ingress has no job runner: jobs are off
+    with serve_cluster.beside(serve_cluster.ingress_variant("page-keyed", route_prefix=KEYED_PREFIX, api_keys=[KEY])) as url:
+        yield url
 
 
 def test_under_a_route_prefix_with_api_keys_and_no_jobs_the_page_asks_for_the_key_and_streams(visit, keyed_url, data_dir):
