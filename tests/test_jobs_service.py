@@ -137,3 +137,35 @@ def test_links_go_under_the_route_prefix_of_the_request():
     listed = under_prefix({"object": "list", "data": [{"id": "job_1", "links": links("job_1")}]}, "/team")
     assert listed["data"][0]["links"]["self"] == f"/team{JOBS_PATH}/job_1"
     assert under_prefix({"id": "job_1", "object": "transcription.job", "deleted": True}, "/team") == {"id": "job_1", "object": "transcription.job", "deleted": True}
+
+
+def test_a_watcher_reads_the_whole_job_again_only_when_it_changed(tmp_path, data_dir):
+    jobs = service(tmp_path)
+    job_id = submit(jobs, (data_dir / EN).read_bytes())["id"]
+    claimed = jobs.store.claim(now=time.time(), lease_s=30)
+    reads, polls = [], []
+    get, updated_at = jobs.store.get, jobs.store.updated_at
+    jobs.store.get = lambda job_id: reads.append(job_id) or get(job_id)
+    jobs.store.updated_at = lambda job_id: polls.append(job_id) or updated_at(job_id)
+
+    async def watch():
+        seen = []
+        events = jobs.events(job_id, poll_s=0.01)
+        seen.append(await anext(events))  # where it stands
+        consumer = asyncio.ensure_future(anext(events))
+        for _ in range(3000):  # nothing changes: it only asks when the job last changed
+            if len(polls) >= 20:
+                break
+            await asyncio.sleep(0.01)
+        assert len(polls) >= 20 and len(reads) == 1 and not consumer.done(), (len(polls), reads, seen)
+        segment = {"id": 0, "start": 0.0, "end": 2.0, "text": "And so, my fellow Americans"}
+        await asyncio.to_thread(jobs.store.progress, job_id, claimed.lease_token, now=time.time(), stage="Transcribing with whisperx",
+                                done_seconds=2.0, total_seconds=None, model="whisperx", warnings=[], segments=[segment], text=segment["text"])
+        seen.append(await consumer)
+        seen.append(await anext(events))
+        await events.aclose()
+        return seen
+
+    seen = asyncio.run(watch())
+    assert [e["type"] for e in seen] == ["transcript.progress", "transcript.text.delta", "transcript.text.segment"]
+    assert len(reads) == 2 and seen[2]["text"] == "And so, my fellow Americans"

@@ -275,6 +275,9 @@ class JobService:
                 yield _end_event(job)
                 return
             await asyncio.sleep(poll_s)
+            # A long job's segments so far are megabytes: they are read again only once it changed.
+            if await self._call(self._stored("updated_at"), job_id) == job.updated_at:
+                continue
             fresh = await self._call(self._stored("get"), job_id)
             if fresh is None:
                 yield {"type": "error", "error": _error_body(JobNotFoundError(job_id))}

@@ -233,6 +233,12 @@ class JobStore:
         with self.engine.connect() as conn:
             return self._get(conn, job_id)
 
+    def updated_at(self, job_id: str) -> Optional[float]:
+        """When the job last changed (progress, status, a cancel, a webhook), or None if there is
+        none: a watcher reads the whole job, its segments so far included, only when this moves."""
+        with self.engine.connect() as conn:
+            return conn.scalar(select(JOBS.c.updated_at).where(JOBS.c.id == job_id))
+
     def list(self, *, limit: int, after: Optional[str] = None) -> Tuple[List[Job], bool]:
         """A page of jobs, newest first (by created_at, then id), as OpenAI's cursor paging has it.
 
