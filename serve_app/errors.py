@@ -226,9 +226,15 @@ def error_response_for(exc: BaseException) -> JSONResponse:
     return create_error_response(500, f"Internal error: {type(exc).__name__}", type="server_error")
 
 
+def error_body(exc: BaseException) -> dict:
+    """The `error` object a client would get for `exc` (message, type, param, code), for an answer
+    that is not an HTTP error: an event of a stream that has started, a job's stored error."""
+    return json.loads(error_response_for(exc).body)["error"]
+
+
 def error_code(exc: BaseException) -> str:
     """The stable `code` a client would get for `exc` ("error" where the answer has none)."""
-    return json.loads(error_response_for(exc).body)["error"]["code"] or "error"
+    return error_body(exc)["code"] or "error"
 
 
 def _replica_lost(exc: BaseException) -> bool:

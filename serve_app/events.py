@@ -17,7 +17,7 @@ import logging
 from typing import AsyncIterator
 
 from serve_app import metrics
-from serve_app.errors import error_response_for
+from serve_app.errors import error_body
 from serve_app.transcription import Finished, PieceDone, Transcription
 
 logger = logging.getLogger(__name__)
@@ -46,9 +46,9 @@ async def stream_events(transcription: Transcription) -> AsyncIterator[dict]:
                 yield {"type": "transcript.text.done", **event.body, "fallback": event.fallback}
     except Exception as e:  # the answer has started: the error becomes the last event
         logger.warning("A streamed transcription failed after it started: %s", e)
-        error = json.loads(error_response_for(e).body)
-        metrics.note_error(error["error"]["code"])
-        yield {"type": "error", **error}
+        error = error_body(e)
+        metrics.note_error(error["code"])
+        yield {"type": "error", "error": error}
 
 
 async def sse_stream(transcription: Transcription) -> AsyncIterator[bytes]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import math
 import os
@@ -31,7 +30,7 @@ from deployments.contract import TranscribeOptions
 from deployments.logs import send_to_serve_logs
 from deployments.runtime import check_environment
 from serve_app.config import IngressSettings
-from serve_app.errors import error_response_for
+from serve_app.errors import error_body
 from serve_app.formats import verbose_json
 from serve_app.jobs.media import MediaDir
 from serve_app.jobs.metrics import JobMetrics
@@ -258,7 +257,7 @@ class JobRunner:
             except (LeaseLost, asyncio.CancelledError, FileNotFoundError):
                 raise
             except Exception as e:
-                error = json.loads(error_response_for(e).body)["error"]
+                error = error_body(e)
                 if error.get("code") not in TRANSIENT_CODES or time.monotonic() + delay > deadline:
                     await self._fail(run, error)
                     return

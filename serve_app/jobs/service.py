@@ -20,7 +20,7 @@ from serve_app.audio import AudioReader
 from serve_app.config import IngressSettings
 from sqlalchemy.exc import SQLAlchemyError
 
-from serve_app.errors import APIError, JobNotFinishedError, JobNotFoundError, JobsQueueFullError, JobsUnavailableError
+from serve_app.errors import APIError, JobNotFinishedError, JobNotFoundError, JobsQueueFullError, JobsUnavailableError, error_body
 from serve_app.formats import to_srt, to_vtt
 from serve_app.jobs.media import MediaDir
 from serve_app.jobs.store import Job, JobStore
@@ -280,7 +280,7 @@ class JobService:
                 continue
             fresh = await self._call(self._stored("get"), job_id)
             if fresh is None:
-                yield {"type": "error", "error": _error_body(JobNotFoundError(job_id))}
+                yield {"type": "error", "error": error_body(JobNotFoundError(job_id))}
                 return
             job = fresh
 
@@ -303,10 +303,6 @@ class JobService:
         finally:
             next_event.cancel()
             await events.aclose()
-
-
-def _error_body(error: APIError) -> dict:
-    return {"message": error.message, "type": error.type, "param": error.param, "code": error.code}
 
 
 def _end_event(job: Job) -> dict:
