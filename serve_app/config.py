@@ -91,6 +91,7 @@ class JobSettings(BaseModel):
     max_running: int = Field(2, ge=0, description="Jobs one runner replica transcribes at once; 0 pauses the runner (jobs stay queued).")
     max_running_per_model: Dict[ModelName, int] = Field(default_factory=dict, description="At most this many running jobs served by a model (the model routing picked for the job's start), per runner replica; a job over it waits, in stage 'Waiting for <model>'.")
     max_queued: int = Field(1000, ge=1, description="More queued jobs than this and a submission gets 429 (jobs_queue_full).")
+    max_media_bytes: int = Field(100 * 1024**3, gt=0, description="Bytes of uploads the media directory holds for jobs at most (queued and running ones; a job's upload is removed when it ends). A submission that would go past it gets 429 (jobs_media_full) and leaves nothing behind. 100 GiB: about fifty of the largest uploads (`max_upload_bytes`).")
     lease_s: float = Field(30.0, gt=0, description="A runner holds a running job for this long and renews it every third of it; a job whose runner died is picked up again once its lease runs out.")
     poll_s: float = Field(1.0, gt=0, description="How often an idle runner looks for queued jobs, expired results and due webhooks.")
     max_attempts: int = Field(3, ge=1, description="Runs of one job at most: a job whose runner died this many times fails (job_attempts_exhausted) instead of taking the next runner down too.")

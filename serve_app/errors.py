@@ -102,6 +102,17 @@ class JobsQueueFullError(APIError):
         )
 
 
+class JobsMediaFullError(APIError):
+    def __init__(self, retry_after_s: int):
+        super().__init__(
+            429,
+            f"The uploads of jobs not yet done fill the space the service keeps for them; retry in {retry_after_s} s, or send a smaller file.",
+            type="server_error",
+            code="jobs_media_full",
+            headers={"Retry-After": str(retry_after_s)},
+        )
+
+
 class JobsUnavailableError(APIError):
     def __init__(self, retry_after_s: int):
         super().__init__(

@@ -12,7 +12,7 @@ import pytest
 from serve_app.admission import is_transcription
 from serve_app.audio import UnsupportedMediaError
 from serve_app.config import IngressSettings, JobSettings
-from serve_app.errors import APIError, JobNotFinishedError, JobNotFoundError, JobsQueueFullError
+from serve_app.errors import APIError, JobNotFinishedError, JobNotFoundError, JobsMediaFullError, JobsQueueFullError
 from serve_app.jobs.service import JOBS_PATH, JobService, job_view, links, new_job_id, under_prefix
 
 EN = "en_jfk.flac"
@@ -169,3 +169,19 @@ def test_a_watcher_reads_the_whole_job_again_only_when_it_changed(tmp_path, data
     seen = asyncio.run(watch())
     assert [e["type"] for e in seen] == ["transcript.progress", "transcript.text.delta", "transcript.text.segment"]
     assert len(reads) == 2 and seen[2]["text"] == "And so, my fellow Americans"
+
+
+def test_the_uploads_held_are_bounded_and_a_refused_one_leaves_nothing(tmp_path, data_dir):
+    audio = (data_dir / EN).read_bytes()
+    jobs = service(tmp_path, max_media_bytes=2 * len(audio) + 10)
+    first = submit(jobs, audio)
+    submit(jobs, audio)
+    assert jobs.store.media_bytes_held() == 2 * len(audio)
+    with pytest.raises(JobsMediaFullError) as full:
+        submit(jobs, audio)
+    assert full.value.status == 429 and full.value.code == "jobs_media_full" and full.value.headers["Retry-After"]
+    assert len(list((tmp_path / "media").iterdir())) == 2 and jobs.store.count("queued") == 2
+    # a job that ended gives its room back
+    asyncio.run(jobs.delete(first["id"]))
+    assert jobs.store.media_bytes_held() == len(audio)
+    assert submit(jobs, audio)["status"] == "queued"

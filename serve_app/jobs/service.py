@@ -20,7 +20,7 @@ from serve_app.audio import AudioReader
 from serve_app.config import IngressSettings
 from sqlalchemy.exc import SQLAlchemyError
 
-from serve_app.errors import APIError, JobNotFinishedError, JobNotFoundError, JobsQueueFullError, JobsUnavailableError, error_body
+from serve_app.errors import APIError, JobNotFinishedError, JobNotFoundError, JobsMediaFullError, JobsQueueFullError, JobsUnavailableError, error_body
 from serve_app.formats import to_srt, to_vtt
 from serve_app.jobs.media import MediaDir
 from serve_app.jobs.store import Job, JobStore
@@ -146,7 +146,8 @@ class JobService:
         """Stores `upload` and records a queued job; returns the job as the API shows it.
 
         Raises:
-            APIError: The callback URL is refused (invalid_callback_url) or the queue is full.
+            APIError: The callback URL is refused (invalid_callback_url), the queue is full
+                (jobs_queue_full) or the uploads held would pass `max_media_bytes` (jobs_media_full).
             InvalidAudioError, UnsupportedMediaError: The upload does not open as audio.
         """
         if callback_url is not None:
@@ -160,6 +161,10 @@ class JobService:
         job_id = new_job_id()
         size = await self._call(self.media.save, job_id, upload)
         try:
+            # Concurrent submissions may each see room for themselves: the cap can be passed by
+            # what arrives at the same moment, never by more.
+            if await self._call(self._stored("media_bytes_held")) + size > self._jobs.max_media_bytes:
+                raise JobsMediaFullError(self._settings.retry_after_s)
             total_s = await self._call(self._probe, job_id)
             job = await self._call(
                 self._stored("create"), job_id, request=request, media_name=job_id, media_bytes=size,

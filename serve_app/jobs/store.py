@@ -286,6 +286,11 @@ class JobStore:
         with self.engine.connect() as conn:
             return int(conn.scalar(select(func.count()).select_from(JOBS).where(JOBS.c.status == status)))
 
+    def media_bytes_held(self) -> int:
+        """Bytes of the uploads still in the media directory (jobs whose media is not yet removed)."""
+        with self.engine.connect() as conn:
+            return int(conn.scalar(select(func.coalesce(func.sum(JOBS.c.media_bytes), 0)).where(JOBS.c.media_name.is_not(None))))
+
     def delete(self, job_id: str) -> Optional[Job]:
         """Removes the job's row; returns it as it was (its media are the caller's to remove)."""
         with self.engine.begin() as conn:
