@@ -4,7 +4,8 @@ a long, mostly silent recording whose cues arrive while it runs, and which a rel
 picks up again with its edits; the microphone (Chromium's fake capture device playing a Mandarin
 clip); a named model's language warning; an ingress at a route prefix with API keys and jobs off;
 an upload that is not media, on a phone-sized screen; and the API docs rendered with no network
-beyond the service.
+beyond the service. The page is audited with axe-core as it starts, with a transcript, and with an
+error on a phone.
 
 Screenshots go to `$KLIPNOTE_TEST_OUTPUT/web` (default `.test-output/web`); the README's is one
 of them (docs/web-page.png).
@@ -139,6 +140,15 @@ class Visit:
                 raise AssertionError(f"still false after {timeout_s} s: {expression}")
             time.sleep(0.1)
 
+    def accessibility_violations(self) -> List[tuple]:
+        """What axe-core (the rules of WCAG 2.x A and AA, and its best practices) finds wrong with
+        the page as it stands: (rule, impact, the elements) each."""
+        from axe_playwright_python.sync_playwright import Axe
+
+        found = Axe().run(self.page).response
+        assert found["passes"], found  # the audit ran: rules were checked
+        return [(v["id"], v["impact"], [n["target"] for n in v["nodes"]]) for v in found["violations"]]
+
     def download(self, button: str) -> str:
         with self.page.expect_download() as download:
             self.page.click(button)
@@ -177,6 +187,7 @@ def test_a_mandarin_video_is_transcribed_played_from_a_clicked_cue_edited_and_do
     page.wait_for_selector("#model option[value=belle2]", state="attached")
     assert v.wait_state("idle", timeout_ms=10_000) == "idle"
     page.screenshot(path=str(OUTPUT / "page-before.png"))
+    assert v.accessibility_violations() == []
 
     page.set_input_files("#file-input", str(video))
     assert page.eval_on_selector("#media", "m => m.tagName") == "VIDEO"  # a video is shown, not only heard
@@ -230,6 +241,8 @@ def test_a_mandarin_video_is_transcribed_played_from_a_clicked_cue_edited_and_do
 
     page.locator("#cues li.cue").nth(1).locator(".cue-time").click()
     page.screenshot(path=str(OUTPUT / "page-after.png"), full_page=True)
+    # The page with its video, cues, downloads and done line, for people using a screen reader or keys.
+    assert v.accessibility_violations() == []
     assert v.elsewhere() == []
 
 
@@ -424,6 +437,7 @@ def test_an_upload_that_is_not_media_shows_the_apis_message_on_a_phone_screen(vi
     box = page.locator("#submit").bounding_box()
     assert box and box["x"] >= 0 and box["x"] + box["width"] <= 375
     page.screenshot(path=str(OUTPUT / "page-phone-error.png"), full_page=True)
+    assert v.accessibility_violations() == []
     assert v.elsewhere() == []
 
 
