@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import secrets
 import shutil
 import tempfile
@@ -49,6 +50,11 @@ class ServeCluster(LocalServeCluster):
 
     def __init__(self):
         super().__init__()
+        # An app whose replica cannot start is failed at its first try, not its third (Serve's
+        # default, for a start that may work again): the tests that deploy one wait for Serve's
+        # verdict and its reason, and each try imports a model stack anew. A deployment that has
+        # run once is unaffected: its replicas are replaced however often they fail.
+        os.environ.setdefault("RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT", "1")
         production = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
         overlay = yaml.safe_load((ROOT / "runtime_envs" / "local.yaml").read_text())
         self.config = local_config(production, overlay, http_port=self.http_port)
