@@ -68,17 +68,18 @@ class UploadTooLargeError(APIError):
         super().__init__(413, f"{what}; the limit is {limit} bytes.", param="file", code="file_too_large")
 
 
-class IngressOverloadedError(APIError):
+class RetryLaterError(APIError):
+    """The service cannot take this now, for a while (a server_error with Retry-After)."""
+
+    def __init__(self, status: int, message: str, *, code: str, retry_after_s: int):
+        super().__init__(status, message, type="server_error", code=code, headers={"Retry-After": str(retry_after_s)})
+
+
+class IngressOverloadedError(RetryLaterError):
     """The ingress replica already serves as many transcriptions as it admits (HTTP 503)."""
 
     def __init__(self, in_flight: int, limit: int, retry_after_s: int):
-        super().__init__(
-            503,
-            f"The service is at capacity ({in_flight} transcriptions in progress on this replica, limit {limit}); retry in {retry_after_s} s.",
-            type="server_error",
-            code="ingress_overloaded",
-            headers={"Retry-After": str(retry_after_s)},
-        )
+        super().__init__(503, f"The service is at capacity ({in_flight} transcriptions in progress on this replica, limit {limit}); retry in {retry_after_s} s.", code="ingress_overloaded", retry_after_s=retry_after_s)
 
 
 class JobNotFoundError(APIError):
@@ -91,37 +92,19 @@ class JobNotFinishedError(APIError):
         super().__init__(409, f"Job {job_id!r} is {status}; its result can be rendered once it has succeeded.", param="format", code="job_not_finished")
 
 
-class JobsQueueFullError(APIError):
+class JobsQueueFullError(RetryLaterError):
     def __init__(self, queued: int, retry_after_s: int):
-        super().__init__(
-            429,
-            f"{queued} jobs are queued, as many as the service keeps; retry in {retry_after_s} s.",
-            type="server_error",
-            code="jobs_queue_full",
-            headers={"Retry-After": str(retry_after_s)},
-        )
+        super().__init__(429, f"{queued} jobs are queued, as many as the service keeps; retry in {retry_after_s} s.", code="jobs_queue_full", retry_after_s=retry_after_s)
 
 
-class JobsMediaFullError(APIError):
+class JobsMediaFullError(RetryLaterError):
     def __init__(self, retry_after_s: int):
-        super().__init__(
-            429,
-            f"The uploads of jobs not yet done fill the space the service keeps for them; retry in {retry_after_s} s, or send a smaller file.",
-            type="server_error",
-            code="jobs_media_full",
-            headers={"Retry-After": str(retry_after_s)},
-        )
+        super().__init__(429, f"The uploads of jobs not yet done fill the space the service keeps for them; retry in {retry_after_s} s, or send a smaller file.", code="jobs_media_full", retry_after_s=retry_after_s)
 
 
-class JobsUnavailableError(APIError):
+class JobsUnavailableError(RetryLaterError):
     def __init__(self, retry_after_s: int):
-        super().__init__(
-            503,
-            f"The job database cannot be reached; retry in {retry_after_s} s. Transcriptions that do not go through a job are not affected.",
-            type="server_error",
-            code="jobs_unavailable",
-            headers={"Retry-After": str(retry_after_s)},
-        )
+        super().__init__(503, f"The job database cannot be reached; retry in {retry_after_s} s. Transcriptions that do not go through a job are not affected.", code="jobs_unavailable", retry_after_s=retry_after_s)
 
 
 class JobsDisabledError(APIError):
